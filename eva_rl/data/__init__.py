@@ -1,0 +1,1 @@
+"""Datasets: collection of behaviour data into Minari, loading and window sampling."""
