@@ -1,0 +1,84 @@
+"""The `eva-rl` command: parses arguments, loads a config, calls one function per subcommand.
+
+Every subcommand's work lives in the module named after its pipeline step; this file only
+translates the command line into that call, and turns user errors into one clean message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    """Register `run(args) -> exit code` as the subcommand `name` whose arguments `add_args` declares."""
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (add_args, run)
+        return run
+    return register
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="YAML config file (defaults apply when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+
+
+# --- collect -----------------------------------------------------------------------------------
+
+def _collect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", action="append", default=[], help="task name (repeatable)")
+    parser.add_argument("--suite", action="append", default=[], help="suite name: cw10, mt10, mt40, mt50, mujoco, classic")
+    parser.add_argument("--policy", default="expert", help="expert | random | sb3:PATH[:ALGO]")
+    parser.add_argument("--noise", type=float, default=0.0, help="Gaussian action-noise sigma (expert policy)")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--horizon", type=int, default=None, help="steps per episode (default: the suite's)")
+    parser.add_argument("--out", default=None, help="root directory of the datasets (default: $MINARI_DATASETS_PATH)")
+    parser.add_argument("--overwrite", action="store_true", help="replace datasets that already exist")
+
+
+@command("collect", _collect_args)
+def _collect(args: argparse.Namespace) -> int:
+    from eva_rl.data.collect import CollectConfig, collect_tasks
+    from eva_rl.envs import resolve_tasks
+
+    names = list(args.task) + list(args.suite)
+    if not names:
+        raise ValueError("Name what to collect: --task reach-v3 (repeatable) or --suite cw10.")
+    config = CollectConfig(policy=args.policy, noise=args.noise, episodes=args.episodes, seed=args.seed,
+                           horizon=args.horizon, out=args.out, overwrite=args.overwrite)
+    for summary in collect_tasks(resolve_tasks(names), config):
+        print(summary.describe())
+    return 0
+
+
+# --- pretrain (train owns this block) ------------------------------------------------------------
+
+# --- evaluate (policy owns this block) -----------------------------------------------------------
+
+# --- finetune (adapters own this block) ----------------------------------------------------------
+
+# --- experiment, report, quickstart (experiment owns this block) --------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eva-rl", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        if args.debug:
+            raise
+        print(f"eva-rl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
