@@ -32,12 +32,13 @@ def _collect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", default=[], help="task name (repeatable)")
     parser.add_argument("--suite", action="append", default=[], help="suite name: cw10, mt10, mt40, mt50, mujoco, classic")
     parser.add_argument("--policy", default="expert", help="expert | random | sb3:PATH[:ALGO]")
-    parser.add_argument("--noise", type=float, default=0.0, help="Gaussian action-noise sigma (expert policy)")
+    parser.add_argument("--noise", type=float, default=0.1, help="Gaussian action-noise sigma added to the policy's actions (0 = none)")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--horizon", type=int, default=None, help="steps per episode (default: the suite's)")
     parser.add_argument("--out", default=None, help="root directory of the datasets (default: $MINARI_DATASETS_PATH)")
     parser.add_argument("--overwrite", action="store_true", help="replace datasets that already exist")
+    parser.add_argument("--workers", type=int, default=1, help="tasks collected in parallel processes")
 
 
 @command("collect", _collect_args)
@@ -49,7 +50,8 @@ def _collect(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError("Name what to collect: --task reach-v3 (repeatable) or --suite cw10.")
     config = CollectConfig(policy=args.policy, noise=args.noise, episodes=args.episodes, seed=args.seed,
-                           horizon=args.horizon, out=args.out, overwrite=args.overwrite)
+                           horizon=args.horizon, out=args.out, overwrite=args.overwrite,
+                           workers=args.workers)
     for summary in collect_tasks(resolve_tasks(names), config):
         print(summary.describe())
     return 0

@@ -1,0 +1,315 @@
+"""Collect behaviour data into Minari datasets: scripted experts (+ action noise), SB3 models, random.
+
+A dataset is written with `minari.create_dataset_from_buffers` (HDF5, no jax needed), into a
+temporary folder first and renamed into place, so an interrupted collection never leaves a
+half-written dataset where a complete one is expected. Collection is seeded: the env is built with
+`seed`, the action noise and the random policy draw from generators seeded with `seed`, so the same
+call twice writes identical arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from eva_rl.envs import expert_policy, make_env, task_spec
+
+NAMESPACE = "eva-rl"
+SB3_ALGORITHMS = ("a2c", "ddpg", "dqn", "ppo", "sac", "td3")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """What to collect for each task."""
+
+    policy: str = "expert"  # "expert" | "random" | "sb3:PATH" | "sb3:PATH:ALGO"
+    noise: float = 0.1  # std of Gaussian noise added to the policy's actions (then clipped); 0 = none
+    episodes: int = 50  # episodes per task
+    seed: int = 0  # seeds the env (goals, initial states), the noise and the random policy
+    horizon: int | None = None  # steps per episode; None = the suite's horizon
+    out: str | None = None  # root folder of the datasets; None = $MINARI_DATASETS_PATH or ~/.minari/datasets
+    overwrite: bool = False  # replace a dataset that already exists (otherwise it is an error)
+    workers: int = 1  # tasks collected in parallel processes
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}.")
+        if self.noise < 0 or not np.isfinite(self.noise):
+            raise ValueError(f"noise must be a finite sigma >= 0, got {self.noise}.")
+        if self.horizon is not None and self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1 step or None, got {self.horizon}.")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}.")
+        kind = self.policy.split(":", 1)[0]
+        if kind not in ("expert", "random", "sb3") or (kind == "sb3" and len(self.policy) <= 4):
+            raise ValueError(
+                f"policy must be 'expert', 'random' or 'sb3:PATH[:ALGO]', got {self.policy!r}."
+            )
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What one collection wrote."""
+
+    task: str
+    dataset_id: str
+    path: Path  # the dataset's folder (open it with minari.MinariDataset(path / "data"))
+    episodes: int
+    steps: int
+    mean_return: float
+    success_rate: float
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.task}: {self.episodes} episodes, {self.steps} steps, mean return {self.mean_return:.1f}, "
+            f"success {self.success_rate:.2f}, {self.steps / max(self.seconds, 1e-9):.0f} steps/s -> {self.path}"
+        )
+
+
+def policy_tag(policy: str, noise: float) -> str:
+    """The part of a dataset's name that says how it was collected, e.g. "expert-noise0p5"."""
+    kind = policy.split(":", 1)[0]
+    tag = kind if kind != "sb3" else "sb3-" + re.sub(r"[^\w-]", "_", Path(policy.split(":")[1]).stem)
+    # Minari ids allow letters, digits, "-" and "_" only: write 0.5 as "0p5".
+    return f"{tag}-noise{noise:g}".replace(".", "p") if noise > 0 else tag
+
+
+def dataset_id(task: str, policy: str, noise: float) -> str:
+    """Minari id of a collected dataset: `eva-rl/<task>-<policy tag>-v0`."""
+    return f"{NAMESPACE}/{task}-{policy_tag(policy, noise)}-v0"
+
+
+def datasets_root(out: str | os.PathLike | None = None) -> Path:
+    """Where datasets live: `out`, else $MINARI_DATASETS_PATH, else Minari's default."""
+    if out is not None:
+        return Path(out)
+    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+
+
+def _sb3_algorithm(path: Path) -> str:
+    """The SB3 algorithm that saved `path`, read from the module of its policy class."""
+    with zipfile.ZipFile(path) as archive:
+        data = json.loads(archive.read("data"))
+    module = data.get("policy_class", {}).get("__module__", "")
+    for name in SB3_ALGORITHMS:
+        if f".{name}." in f".{module}.":
+            return name
+    raise ValueError(
+        f"Cannot tell which SB3 algorithm saved {path} (policy module {module!r}). "
+        f"Name it: --policy sb3:{path}:ALGO with ALGO one of {SB3_ALGORITHMS}."
+    )
+
+
+def _sb3_policy(spec: str) -> Callable[[np.ndarray], np.ndarray]:
+    import stable_baselines3
+
+    parts = spec.split(":")
+    path = Path(parts[1])
+    if not path.is_file():
+        raise FileNotFoundError(f"SB3 model file {str(path)!r} does not exist. Give the .zip written by model.save().")
+    algo = parts[2].lower() if len(parts) > 2 else _sb3_algorithm(path)
+    if algo not in SB3_ALGORITHMS:
+        raise ValueError(f"Unknown SB3 algorithm {algo!r}; expected one of {SB3_ALGORITHMS}.")
+    model = getattr(stable_baselines3, algo.upper()).load(path, device="cpu")
+
+    def act(observation: np.ndarray) -> np.ndarray:
+        action, _ = model.predict(observation, deterministic=True)
+        return np.asarray(action, dtype=np.float32)
+
+    return act
+
+
+def behaviour_policy(policy: str, task: str, action_space: gym.spaces.Box, noise: float,
+                     seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A function obs (obs_dim,) -> action (act_dim,): the named policy, plus clipped Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    kind = policy.split(":", 1)[0]
+    if kind == "expert":
+        base = expert_policy(task)
+    elif kind == "random":
+        def base(observation: np.ndarray) -> np.ndarray:
+            return rng.uniform(low, high).astype(np.float32)
+    else:
+        base = _sb3_policy(policy)
+    if noise == 0:
+        return base
+
+    def noisy(observation: np.ndarray) -> np.ndarray:
+        action = base(observation) + noise * rng.standard_normal(low.shape).astype(np.float32)
+        return np.clip(action, low, high)
+
+    return noisy
+
+
+def collect_episodes(task: str, config: CollectConfig) -> list[dict[str, np.ndarray]]:
+    """Roll out the behaviour policy for `config.episodes` episodes of `task`.
+
+    Each episode: observations (T+1, obs_dim) float32 (the last one after the final step),
+    actions (T, act_dim) float32, rewards (T,) float64, terminations (T,) bool, truncations (T,) bool,
+    success (T+1,) bool (index 0 is the reset, always False).
+    """
+    env = make_env(task, config.seed, horizon=config.horizon)
+    act = behaviour_policy(config.policy, task, env.action_space, config.noise, config.seed)
+    episodes = []
+    for _ in range(config.episodes):
+        observation, _ = env.reset()
+        observations, actions, rewards, terminations, truncations, success = [observation], [], [], [], [], [False]
+        while True:
+            action = act(observation)
+            observation, reward, terminated, truncated, info = env.step(action)
+            observations.append(observation)
+            actions.append(action)
+            rewards.append(reward)
+            terminations.append(terminated)
+            truncations.append(truncated)
+            success.append(info["success"])
+            if terminated or truncated:
+                break
+        episodes.append({
+            "observations": np.asarray(observations, dtype=np.float32),
+            "actions": np.asarray(actions, dtype=np.float32),
+            "rewards": np.asarray(rewards, dtype=np.float64),
+            "terminations": np.asarray(terminations, dtype=bool),
+            "truncations": np.asarray(truncations, dtype=bool),
+            "success": np.asarray(success, dtype=bool),
+        })
+    env.close()
+    return episodes
+
+
+def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, root: Path,
+                  observation_space: gym.spaces.Space, action_space: gym.spaces.Space,
+                  metadata: dict, *, overwrite: bool = False, ref_min_score: float | None = None,
+                  ref_max_score: float | None = None) -> Path:
+    """Write `episodes` as the Minari dataset `dataset_id` under `root`, atomically; returns its folder.
+
+    Minari writes under $MINARI_DATASETS_PATH, so we point it at a temporary folder inside `root`
+    (same filesystem) and rename the finished dataset into place.
+    """
+    from minari import create_dataset_from_buffers
+    from minari.data_collector import EpisodeBuffer
+
+    final = root / dataset_id
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"Dataset {str(final)!r} already exists. Pass --overwrite to replace it, or use another --out.")
+    buffers = [
+        EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"], rewards=ep["rewards"],
+                      terminations=ep["terminations"], truncations=ep["truncations"],
+                      infos={"success": ep["success"]})
+        for i, ep in enumerate(episodes)
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = str(staging)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Minari warns for every optional field left empty
+            dataset = create_dataset_from_buffers(
+                dataset_id, buffers, observation_space=observation_space, action_space=action_space,
+                algorithm_name=metadata.get("eva_rl_policy"), author="eva-rl",
+                description=f"{metadata.get('eva_rl_task')}: {metadata.get('eva_rl_policy')} "
+                            f"(noise {metadata.get('eva_rl_noise')}), collected by eva-rl",
+            )
+        extra = dict(metadata)
+        if ref_min_score is not None and ref_max_score is not None:
+            extra.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
+        dataset.storage.update_metadata(extra)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, trash)
+            os.replace(staging / dataset_id, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging / dataset_id, final)
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
+    """Collect `config.episodes` episodes of `task` and write them as one Minari dataset."""
+    spec = task_spec(task)
+    root = datasets_root(config.out)
+    name = dataset_id(task, config.policy, config.noise)
+    if (root / name).exists() and not config.overwrite:
+        raise FileExistsError(
+            f"Dataset {str(root / name)!r} already exists. Pass --overwrite to replace it, or use another --out."
+        )
+    start = time.perf_counter()
+    episodes = collect_episodes(task, config)
+    seconds = time.perf_counter() - start
+    returns = np.array([ep["rewards"].sum() for ep in episodes])
+    success = np.array([ep["success"].any() for ep in episodes])
+    steps = int(sum(len(ep["rewards"]) for ep in episodes))
+    metadata = {
+        "eva_rl_task": task, "eva_rl_policy": config.policy, "eva_rl_noise": float(config.noise),
+        "eva_rl_seed": int(config.seed), "eva_rl_episodes": int(config.episodes),
+        "eva_rl_horizon": int(config.horizon or spec.horizon),
+        "eva_rl_mean_return": float(returns.mean()), "eva_rl_success_rate": float(success.mean()),
+    }
+    env = make_env(task, config.seed, horizon=config.horizon)
+    path = write_dataset(episodes, name, root, env.observation_space, env.action_space, metadata,
+                         overwrite=config.overwrite, ref_min_score=spec.ref_min_score,
+                         ref_max_score=spec.ref_max_score)
+    env.close()
+    return DatasetSummary(task=task, dataset_id=name, path=path, episodes=len(episodes), steps=steps,
+                          mean_return=float(returns.mean()), success_rate=float(success.mean()), seconds=seconds)
+
+
+def _collect_task_star(args: tuple[str, CollectConfig]) -> DatasetSummary:
+    return collect_task(*args)
+
+
+def collect_tasks(tasks: Sequence[str], config: CollectConfig, *, progress: bool = True) -> Iterator[DatasetSummary]:
+    """Collect every task in `tasks` (one dataset each), yielding summaries as they finish.
+
+    With `config.workers > 1` tasks run in parallel processes; each task's data does not depend
+    on the worker it ran in, so results are identical either way.
+    """
+    for task in tasks:
+        task_spec(task)  # fail on a bad name before any work
+    root = datasets_root(config.out)
+    if not config.overwrite:
+        for task in tasks:
+            existing = root / dataset_id(task, config.policy, config.noise)
+            if existing.exists():
+                raise FileExistsError(f"Dataset {str(existing)!r} already exists. Pass --overwrite to replace it.")
+    bar = tqdm(total=len(tasks), unit="task", desc="collect", disable=not progress)
+    try:
+        if config.workers == 1 or len(tasks) == 1:
+            for task in tasks:
+                bar.set_postfix_str(task)
+                summary = collect_task(task, config)
+                bar.update(1)
+                yield summary
+        else:
+            # spawn: MuJoCo and torch state must not be forked into workers.
+            with mp.get_context("spawn").Pool(min(config.workers, len(tasks))) as pool:
+                for summary in pool.imap(_collect_task_star, [(task, config) for task in tasks]):
+                    bar.update(1)
+                    yield summary
+    finally:
+        bar.close()
