@@ -65,6 +65,23 @@ def _collect(args: argparse.Namespace) -> int:
 
 # --- experiment, report, quickstart (experiment owns this block) --------------------------------
 
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs_dir", help="directory of runs (an experiment's out_dir)")
+    parser.add_argument("--out", default=None, help="where to write the report (default: RUNS_DIR/report)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+
+
+@command("report", _report_args)
+def _report(args: argparse.Namespace) -> int:
+    from eva_rl.report import write_report
+
+    result = write_report(args.runs_dir, args.out, n_bootstrap=args.bootstrap, plots=not args.no_plots)
+    print(result.markdown)
+    print(f"Report written to {result.out_dir}")
+    return 0
+
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eva-rl", description=__doc__.splitlines()[0])

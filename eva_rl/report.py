@@ -1,0 +1,662 @@
+"""Tables and plots from a directory of runs: `eva-rl report RUNS_DIR`.
+
+Reads every `metrics.json` under a directory (the layout `eva_rl.experiment` writes, or any
+tree of fine-tuning runs), and writes, into `RUNS_DIR/report/`:
+
+- the paper's table shape for success, return, final training loss and held-out action error:
+  methods as rows, tasks as columns, mean +- standard error over seeds, and the suite average
+  (markdown in `report.md`, one CSV per measure);
+- interquartile mean (IQM) and mean with stratified-bootstrap 95% confidence intervals across
+  tasks x seeds (`aggregate.csv`);
+- paired differences of every method to `lora` and to `fft`, over the (task, seed) pairs both
+  ran, with standard errors (`paired.csv`);
+- PNG plots: each measure vs fine-tuning steps per method (mean and 95% band), EVA's rank per
+  layer, trainable parameters vs success; and a tensorboard hparams view (`tb_hparams/`).
+
+The statistics are the ones `rliable` (Agarwal et al., 2021) computes, written out here
+because rliable pulls arch, statsmodels, pandas and seaborn into the install for four lines of
+numpy: IQM is scipy's 25%-trimmed mean over all task x seed scores, and the stratified bootstrap
+resamples seeds with replacement within each task (rliable's `StratifiedBootstrap`), taking the
+2.5/97.5 percentiles of the statistic.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from scipy.stats import trim_mean
+
+# The EVA paper's row order (its Meta-World table); methods it does not list follow, sorted.
+METHOD_ORDER = ("fft", "lora", "adalora", "pissa", "olora", "eva", "dora", "eva_dora")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One column family of the report: where its final value lives and which way is better."""
+
+    name: str            # short name used in file names and tables
+    title: str           # human title
+    final_key: str       # key in metrics.json's "final"
+    higher_is_better: bool
+    digits: int          # decimals shown in markdown
+
+
+MEASURES: dict[str, Measure] = {
+    m.name: m for m in (
+        Measure("success", "Success rate", "success_rate", True, 2),
+        Measure("return", "Return", "return_mean", True, 1),
+        Measure("train_loss", "Final training loss", "train_loss", False, 4),
+        Measure("val_action_error", "Held-out action error", "val_action_error", False, 4),
+    )
+}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One fine-tuning (or pretraining) run found on disk."""
+
+    path: Path                 # the run directory (holds metrics.json)
+    kind: str                  # "pretrain" | "finetune"
+    task: str | None
+    method: str | None
+    rank: int | None
+    seed: int
+    point: dict[str, Any]      # the grid point (run.json), or method/rank from metrics.json
+    variant: str               # row label: method, plus the grid keys that vary between runs
+    metrics: dict[str, Any]    # metrics.json as read
+
+    def final(self, measure: str) -> float:
+        """The run's final value of a measure (NaN when the run did not record it)."""
+        value = (self.metrics.get("final") or {}).get(MEASURES[measure].final_key)
+        return float(value) if value is not None else math.nan
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean and standard error over seeds; stderr is NaN with fewer than two values."""
+
+    mean: float
+    stderr: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Table:
+    """Variants x tasks of one measure, plus each variant's average over tasks."""
+
+    measure: str
+    variants: tuple[str, ...]
+    tasks: tuple[str, ...]
+    cells: dict[tuple[str, str], Cell]        # (variant, task) -> Cell
+    average: dict[str, Cell]                  # variant -> mean over tasks of per-task means
+
+    def to_markdown(self) -> str:
+        digits = MEASURES[self.measure].digits
+        head = "| method | " + " | ".join(self.tasks) + " | average |"
+        rule = "|" + " --- |" * (len(self.tasks) + 2)
+        rows = [head, rule]
+        for v in self.variants:
+            cells = [format_cell(self.cells.get((v, t)), digits) for t in self.tasks]
+            rows.append(f"| {v} | " + " | ".join(cells) + f" | {format_cell(self.average.get(v), digits)} |")
+        return "\n".join(rows)
+
+    def to_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            columns = [c for t in (*self.tasks, "average") for c in (t, f"{t} stderr", f"{t} n")]
+            writer.writerow(["method", *columns])
+            for v in self.variants:
+                row: list[Any] = [v]
+                for t in self.tasks:
+                    row.extend(_cell_fields(self.cells.get((v, t))))
+                row.extend(_cell_fields(self.average.get(v)))
+                writer.writerow(row)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One variant's score over all task x seed runs, with stratified-bootstrap 95% CIs."""
+
+    variant: str
+    measure: str
+    n_runs: int
+    n_tasks: int
+    mean: float
+    mean_ci: tuple[float, float]
+    iqm: float
+    iqm_ci: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """`variant - baseline` over the (task, seed) pairs both ran (lower-is-better measures too)."""
+
+    variant: str
+    baseline: str
+    measure: str
+    n_pairs: int
+    mean_diff: float
+    stderr: float
+    n_better: int          # pairs where the variant beat the baseline (in the measure's direction)
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What `write_report` produced."""
+
+    out_dir: Path
+    runs: tuple[RunRecord, ...]
+    tables: dict[str, Table]
+    aggregates: tuple[Aggregate, ...]
+    paired: tuple[Paired, ...]
+    markdown: str
+    files: tuple[Path, ...]
+
+
+# --- reading runs -------------------------------------------------------------------------------
+
+def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune") -> list[RunRecord]:
+    """Every run under `runs_dir` with a readable metrics.json (of `kind`, or all when None).
+
+    A run's grid point comes from `run.json` (written by eva_rl.experiment) when present, else
+    from metrics.json's method and rank. Row labels name the method plus every grid key (other
+    than task and seed) whose value differs between runs, e.g. `eva r=8` when ranks vary.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Runs directory {str(root)!r} does not exist. Pass the out_dir of an experiment.")
+    found: list[tuple[Path, dict, dict]] = []
+    for path in sorted(root.rglob("metrics.json")):
+        if "report" in path.relative_to(root).parts[:-1]:
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a run killed while writing; the experiment rewrites it on resume
+        if kind is not None and metrics.get("kind") != kind:
+            continue
+        run_json = path.parent / "run.json"
+        point: dict[str, Any] = {}
+        if run_json.is_file():
+            try:
+                point = dict(json.loads(run_json.read_text()).get("point") or {})
+            except json.JSONDecodeError:
+                point = {}
+        point.setdefault("method", metrics.get("method"))
+        point.setdefault("rank", metrics.get("rank"))
+        found.append((path.parent, metrics, point))
+    varying = _varying_keys([p for _, _, p in found])
+    runs = []
+    for run_dir, metrics, point in found:
+        runs.append(RunRecord(
+            path=run_dir, kind=str(metrics.get("kind")), task=metrics.get("task"),
+            method=metrics.get("method"), rank=metrics.get("rank"), seed=int(metrics.get("seed", 0)),
+            point=point, variant=_variant_label(point, varying), metrics=metrics))
+    return runs
+
+
+def _varying_keys(points: Sequence[dict[str, Any]]) -> list[str]:
+    # None (e.g. fft's rank) is "not applicable", not a value that makes a key vary
+    keys = sorted({k for p in points for k in p} - {"task", "seed", "method"})
+    return [k for k in keys if len({json.dumps(p[k], sort_keys=True) for p in points if p.get(k) is not None}) > 1]
+
+
+def _variant_label(point: dict[str, Any], varying: Sequence[str]) -> str:
+    label = str(point.get("method"))
+    extras = [f"{'r' if k == 'rank' else k}={point[k]}" for k in varying if point.get(k) is not None]
+    return " ".join([label, *extras])
+
+
+def _variant_order(runs: Sequence[RunRecord]) -> tuple[str, ...]:
+    def key(run: RunRecord) -> tuple:
+        method = run.method or ""
+        order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        return (order, method, run.rank if run.rank is not None else -1, run.variant)
+    return tuple(dict.fromkeys(r.variant for r in sorted(runs, key=key)))
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+def mean_stderr(values: Iterable[float]) -> Cell:
+    """Mean and standard error (sample std / sqrt(n)) of the finite values."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return Cell(math.nan, math.nan, 0)
+    stderr = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+    return Cell(float(x.mean()), stderr, int(x.size))
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50% (rliable's `aggregate_iqm`)."""
+    return float(trim_mean(np.asarray(values, dtype=np.float64), proportiontocut=0.25, axis=None))
+
+
+def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: Callable[[np.ndarray], np.ndarray],
+                            *, n_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile CI of `statistic` over all scores, resampling seeds within each task.
+
+    scores_per_task: one 1-D array of run scores per task. statistic maps (n_bootstrap, n_scores)
+    to (n_bootstrap,). Tasks keep their number of runs in every resample, as rliable does.
+    """
+    rng = np.random.default_rng(seed)
+    samples = [s[rng.integers(0, s.size, size=(n_bootstrap, s.size))] for s in scores_per_task if s.size]
+    stats = statistic(np.concatenate(samples, axis=1))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
+    """Variants x tasks of `measure` (mean +- stderr over seeds), and the average over tasks.
+
+    The average is the mean of the per-task means; its standard error combines the per-task
+    errors as independent (sqrt(sum se^2) / n_tasks), which stays defined when tasks ran
+    different seeds. Tasks with a single seed contribute no error term.
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}; expected one of {sorted(MEASURES)}.")
+    runs = [r for r in runs if r.kind == "finetune"]
+    variants = _variant_order(runs)
+    tasks = tuple(sorted({str(r.task) for r in runs}))
+    cells: dict[tuple[str, str], Cell] = {}
+    for v in variants:
+        for t in tasks:
+            values = [r.final(measure) for r in runs if r.variant == v and str(r.task) == t]
+            cell = mean_stderr(values)
+            if cell.n:
+                cells[(v, t)] = cell
+    average = {}
+    for v in variants:
+        row = [cells[(v, t)] for t in tasks if (v, t) in cells]
+        if not row:
+            continue
+        errors = [c.stderr for c in row if math.isfinite(c.stderr)]
+        stderr = math.sqrt(sum(e * e for e in errors)) / len(row) if errors else math.nan
+        average[v] = Cell(float(np.mean([c.mean for c in row])), stderr, sum(c.n for c in row))
+    return Table(measure, variants, tasks, cells, average)
+
+
+def aggregate_scores(runs: Sequence[RunRecord], measure: str = "success", *, n_bootstrap: int = 2000,
+                     seed: int = 0) -> list[Aggregate]:
+    """Per variant: mean and IQM over all task x seed runs, with stratified-bootstrap 95% CIs."""
+    runs = [r for r in runs if r.kind == "finetune"]
+    result = []
+    for v in _variant_order(runs):
+        per_task = {}
+        for r in runs:
+            value = r.final(measure)
+            if r.variant == v and math.isfinite(value):
+                per_task.setdefault(str(r.task), []).append(value)
+        if not per_task:
+            continue
+        groups = [np.asarray(per_task[t], dtype=np.float64) for t in sorted(per_task)]
+        flat = np.concatenate(groups)
+        mean_ci = stratified_bootstrap_ci(groups, lambda s: s.mean(axis=1), n_bootstrap=n_bootstrap, seed=seed)
+        iqm_ci = stratified_bootstrap_ci(groups, lambda s: trim_mean(s, 0.25, axis=1), n_bootstrap=n_bootstrap,
+                                         seed=seed)
+        result.append(Aggregate(v, measure, int(flat.size), len(groups), float(flat.mean()), mean_ci,
+                                iqm(flat), iqm_ci))
+    return result
+
+
+def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("lora", "fft"),
+                       measures: Sequence[str] = ("success", "train_loss", "val_action_error")) -> list[Paired]:
+    """Each variant minus each baseline method over the (task, seed) pairs both ran.
+
+    Pairs also match every other grid key; a baseline with ranks is matched at the variant's
+    rank, or at its only rank when the variant has none (fft vs lora). Since every method
+    evaluates on the same task variants and seeds, a pair's difference has no start-to-start
+    noise, and the standard error of the mean difference says whether a gap is real.
+    """
+    runs = [r for r in runs if r.kind == "finetune"]
+    result = []
+    for baseline in baselines:
+        base_runs = [r for r in runs if r.method == baseline]
+        if not base_runs:
+            continue
+        index: dict[tuple, dict[Any, RunRecord]] = {}
+        for r in base_runs:
+            index.setdefault(_pair_key(r), {})[r.rank] = r
+        for v in _variant_order(runs):
+            mine = [r for r in runs if r.variant == v]
+            if not mine or mine[0].method == baseline:
+                continue
+            for measure in measures:
+                sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
+                diffs = []
+                for r in mine:
+                    candidates = index.get(_pair_key(r), {})
+                    partner = candidates.get(r.rank) or (next(iter(candidates.values())) if len(candidates) == 1 else None)
+                    if partner is None:
+                        continue
+                    d = r.final(measure) - partner.final(measure)
+                    if math.isfinite(d):
+                        diffs.append(d)
+                if not diffs:
+                    continue
+                cell = mean_stderr(diffs)
+                better = sum(1 for d in diffs if sign * d > 0)
+                result.append(Paired(v, baseline, measure, cell.n, cell.mean, cell.stderr, better))
+    return result
+
+
+def _pair_key(run: RunRecord) -> tuple:
+    extras = {k: v for k, v in run.point.items() if k not in ("method", "rank", "task", "seed")}
+    return (str(run.task), run.seed, json.dumps(extras, sort_keys=True, default=str))
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+def format_cell(cell: Cell | None, digits: int) -> str:
+    """`0.85 ± 0.05`; a single seed shows the mean alone; a missing cell shows `–`."""
+    if cell is None or cell.n == 0:
+        return "–"
+    if not math.isfinite(cell.stderr):
+        return f"{cell.mean:.{digits}f}"
+    return f"{cell.mean:.{digits}f} ± {cell.stderr:.{digits}f}"
+
+
+def _cell_fields(cell: Cell | None) -> list[Any]:
+    if cell is None:
+        return ["", "", 0]
+    return [_num(cell.mean), _num(cell.stderr), cell.n]
+
+
+def _num(x: float) -> str:
+    return "" if not math.isfinite(x) else repr(float(x))
+
+
+def _aggregate_markdown(aggregates: Sequence[Aggregate]) -> str:
+    rows = ["| method | measure | runs | tasks | mean [95% CI] | IQM [95% CI] |", "| --- | --- | --- | --- | --- | --- |"]
+    for a in aggregates:
+        d = MEASURES[a.measure].digits
+        rows.append(f"| {a.variant} | {a.measure} | {a.n_runs} | {a.n_tasks} | "
+                    f"{a.mean:.{d}f} [{a.mean_ci[0]:.{d}f}, {a.mean_ci[1]:.{d}f}] | "
+                    f"{a.iqm:.{d}f} [{a.iqm_ci[0]:.{d}f}, {a.iqm_ci[1]:.{d}f}] |")
+    return "\n".join(rows)
+
+
+def _paired_markdown(paired: Sequence[Paired]) -> str:
+    rows = ["| method | vs | measure | pairs | difference ± stderr | better in |", "| --- | --- | --- | --- | --- | --- |"]
+    for p in paired:
+        d = MEASURES[p.measure].digits
+        err = f" ± {p.stderr:.{d}f}" if math.isfinite(p.stderr) else ""
+        rows.append(f"| {p.variant} | {p.baseline} | {p.measure} | {p.n_pairs} | {p.mean_diff:+.{d}f}{err} | "
+                    f"{p.n_better}/{p.n_pairs} |")
+    return "\n".join(rows)
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def _series(run: RunRecord, measure: str) -> list[tuple[int, float]]:
+    """(step, value) points of a run's curve for a measure."""
+    if measure == "success":
+        return [(int(e["step"]), float(e["success_rate"])) for e in run.metrics.get("eval") or []
+                if e.get("success_rate") is not None]
+    if measure == "return":
+        return [(int(e["step"]), float(e["return_mean"])) for e in run.metrics.get("eval") or []
+                if e.get("return_mean") is not None]
+    return [(int(s), float(v)) for s, v in run.metrics.get(measure) or [] if v is not None]
+
+
+def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | None:
+    """Mean and 95% band (1.96 stderr over runs) of a measure vs fine-tuning steps, per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.kind == "finetune"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for v in _variant_order(runs):
+        by_step: dict[int, list[float]] = {}
+        for r in runs:
+            if r.variant == v:
+                for step, value in _series(r, measure):
+                    if math.isfinite(value):
+                        by_step.setdefault(step, []).append(value)
+        if not by_step:
+            continue
+        steps = np.array(sorted(by_step))
+        cells = [mean_stderr(by_step[s]) for s in steps]
+        mean = np.array([c.mean for c in cells])
+        half = np.array([1.96 * c.stderr if math.isfinite(c.stderr) else 0.0 for c in cells])
+        line, = ax.plot(steps, mean, label=v, marker="o" if steps.size < 12 else None, markersize=3)
+        ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if measure in ("train_loss", "val_action_error"):
+        ax.set_yscale("log")
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel(MEASURES[measure].title)
+    ax.set_title(f"{MEASURES[measure].title} vs fine-tuning steps (mean, 95% band over runs)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:
+    """Rank per adapted layer from a run's eva_report.json, or None when the run has none.
+
+    Accepts `{"ranks": {layer: rank}}` and `{"layers": {layer: {"rank": r}}}` /
+    `{"layers": [{"name": layer, "rank": r}]}`, the shapes an EVA report takes.
+    """
+    path = run_dir / "eva_report.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    ranks = data.get("ranks")
+    if isinstance(ranks, dict):
+        return {str(k): int(v) for k, v in ranks.items()}
+    layers = data.get("layers")
+    if isinstance(layers, dict):
+        return {str(k): int(v["rank"]) for k, v in layers.items() if isinstance(v, dict) and "rank" in v}
+    if isinstance(layers, list):
+        return {str(e["name"]): int(e["rank"]) for e in layers if isinstance(e, dict) and "name" in e and "rank" in e}
+    return None
+
+
+def plot_eva_ranks(runs: Sequence[RunRecord], path: Path) -> Path | None:
+    """Mean rank per layer over the EVA runs of each variant (bars; one group per variant)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_variant: dict[str, list[dict[str, int]]] = {}
+    for r in runs:
+        ranks = read_eva_ranks(r.path)
+        if ranks:
+            per_variant.setdefault(r.variant, []).append(ranks)
+    if not per_variant:
+        return None
+    layers = sorted({layer for allocs in per_variant.values() for a in allocs for layer in a})
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.28 * len(layers) + 2), 4.2))
+    width = 0.8 / len(per_variant)
+    x = np.arange(len(layers))
+    for i, (variant, allocs) in enumerate(sorted(per_variant.items())):
+        mean = [np.mean([a.get(layer, 0) for a in allocs]) for layer in layers]
+        ax.bar(x + i * width, mean, width, label=f"{variant} ({len(allocs)} runs)")
+    ax.set_xticks(x + 0.4 - width / 2, [_short_layer(layer) for layer in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("rank")
+    ax.set_title("EVA rank allocation per layer (mean over runs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short_layer(name: str) -> str:
+    """`base_model.model.encoder.h.0.attn.c_attn` -> `h.0.attn.c_attn`."""
+    marker = name.find("h.")
+    return name[marker:] if marker >= 0 else name
+
+
+def plot_params_vs_success(runs: Sequence[RunRecord], path: Path) -> Path | None:
+    """Trainable parameters (log x) vs success (mean +- stderr over task x seed runs), per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.kind == "finetune"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for v in _variant_order(runs):
+        mine = [r for r in runs if r.variant == v and r.metrics.get("trainable_params")]
+        if not mine:
+            continue
+        params = float(np.mean([r.metrics["trainable_params"] for r in mine]))
+        cell = mean_stderr(r.final("success") for r in mine)
+        if not cell.n:
+            continue
+        ax.errorbar([params], [cell.mean], yerr=[cell.stderr if math.isfinite(cell.stderr) else 0.0],
+                    fmt="o", capsize=3, label=v)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("success rate")
+    ax.set_title("Trainable parameters vs success (mean ± stderr over runs)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
+    """One tensorboard hparams entry per run: its grid point and final measures."""
+    runs = [r for r in runs if r.kind == "finetune"]
+    if not runs:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for r in runs:
+            hparams: dict[str, Any] = {"task": str(r.task), "seed": r.seed, "method": str(r.method)}
+            for key, value in r.point.items():
+                hparams[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+            final = {f"final/{m}": r.final(m) for m in MEASURES if math.isfinite(r.final(m))}
+            final["final/trainable_params"] = float(r.metrics.get("trainable_params") or 0)
+            writer.add_hparams(hparams, final, run_name=r.path.name)
+    return log_dir
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_bootstrap: int = 2000, seed: int = 0,
+                 plots: bool = True, tensorboard: bool = True) -> ReportResult:
+    """Write report.md, CSVs, PNG plots and a tensorboard hparams view for the runs in `runs_dir`.
+
+    out_dir defaults to `runs_dir/report`. Raises FileNotFoundError when no fine-tuning run
+    has a metrics.json yet.
+    """
+    root = Path(runs_dir)
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(
+            f"No fine-tuning metrics.json under {str(root)!r}. Run `eva-rl experiment CONFIG` (or "
+            f"`eva-rl finetune`) first, and pass the directory that holds the runs.")
+    out = Path(out_dir) if out_dir is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    tables = {m: metric_table(runs, m) for m in MEASURES}
+    sections = [f"# Report: {root}", "",
+                f"{len(runs)} fine-tuning runs; cells are mean ± standard error over seeds; "
+                f"the average is the mean over tasks.", ""]
+    failed = _failed_runs(root)
+    if failed:
+        sections += [f"**{len(failed)} runs failed** (see error.txt in each): "
+                     + ", ".join(str(p.relative_to(root)) for p in failed), ""]
+    for name, table in tables.items():
+        if not table.cells:
+            continue
+        sections += [f"## {MEASURES[name].title}", "", table.to_markdown(), ""]
+        table.to_csv(out / f"{name}.csv")
+        files.append(out / f"{name}.csv")
+    aggregates = [a for m in MEASURES for a in aggregate_scores(runs, m, n_bootstrap=n_bootstrap, seed=seed)]
+    sections += ["## Aggregates over tasks x seeds (stratified bootstrap 95% CI)", "", _aggregate_markdown(aggregates), ""]
+    _write_rows(out / "aggregate.csv", ["method", "measure", "runs", "tasks", "mean", "mean_ci_low", "mean_ci_high",
+                                        "iqm", "iqm_ci_low", "iqm_ci_high"],
+                [[a.variant, a.measure, a.n_runs, a.n_tasks, a.mean, *a.mean_ci, a.iqm, *a.iqm_ci] for a in aggregates])
+    files.append(out / "aggregate.csv")
+    paired = paired_comparisons(runs)
+    if paired:
+        sections += ["## Paired differences (method − baseline over the same task × seed)", "",
+                     "Success: higher is better; training loss and held-out action error: lower is better.", "",
+                     _paired_markdown(paired), ""]
+        _write_rows(out / "paired.csv", ["method", "baseline", "measure", "pairs", "mean_diff", "stderr", "better"],
+                    [[p.variant, p.baseline, p.measure, p.n_pairs, p.mean_diff, p.stderr, p.n_better] for p in paired])
+        files.append(out / "paired.csv")
+    _write_rows(out / "runs.csv", ["run", "task", "method", "rank", "seed", "variant", "trainable_params",
+                                   *MEASURES],
+                [[str(r.path.relative_to(root)), r.task, r.method, r.rank, r.seed, r.variant,
+                  r.metrics.get("trainable_params"), *(_num(r.final(m)) for m in MEASURES)] for r in runs])
+    files.append(out / "runs.csv")
+    if plots:
+        made = [plot_curves(runs, m, out / f"{m}_vs_steps.png") for m in ("success", "train_loss", "val_action_error")]
+        made += [plot_eva_ranks(runs, out / "eva_ranks.png"), plot_params_vs_success(runs, out / "params_vs_success.png")]
+        pngs = [p for p in made if p is not None]
+        files += pngs
+        if pngs:
+            sections += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    if tensorboard:
+        tb = write_hparams(runs, out / "tb_hparams")
+        if tb is not None:
+            sections += [f"Tensorboard hparams view: `tensorboard --logdir {tb}`", ""]
+    markdown = "\n".join(sections)
+    (out / "report.md").write_text(markdown)
+    files.insert(0, out / "report.md")
+    return ReportResult(out, tuple(runs), tables, tuple(aggregates), tuple(paired), markdown, tuple(files))
+
+
+def _failed_runs(root: Path) -> list[Path]:
+    failed = []
+    for run_json in sorted(root.rglob("run.json")):
+        try:
+            if json.loads(run_json.read_text()).get("status") == "failed":
+                failed.append(run_json.parent)
+        except json.JSONDecodeError:
+            continue
+    return failed
+
+
+def _write_rows(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(["" if (isinstance(x, float) and not math.isfinite(x)) else x for x in row])
+
+
+def summary_table(result: ReportResult) -> str:
+    """The short table the quickstart prints: success, final training loss, held-out action error."""
+    names = ("success", "train_loss", "val_action_error")
+    header = "| method | runs | " + " | ".join(MEASURES[n].title for n in names) + " |"
+    rows = [header, "|" + " --- |" * (len(names) + 2)]
+    tables = result.tables
+    for v in tables["success"].variants:
+        n = tables["success"].average.get(v)
+        cells = [format_cell(_pooled(result.runs, v, n_), MEASURES[n_].digits) for n_ in names]
+        rows.append(f"| {v} | {n.n if n else 0} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _pooled(runs: Sequence[RunRecord], variant: str, measure: str) -> Cell:
+    return mean_stderr(r.final(measure) for r in runs if r.variant == variant)

@@ -1,0 +1,156 @@
+"""Report tables, statistics and plots from hand-made metrics.json files (exact numbers)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import trim_mean
+
+from eva_rl import report
+from eva_rl.report import (aggregate_scores, load_runs, mean_stderr, metric_table, paired_comparisons,
+                           stratified_bootstrap_ci, write_report)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# (method, task, seed) -> (success, train loss, held-out action error)
+FINALS = {
+    ("lora", "task-a", 0): (0.5, 0.40, 0.30), ("lora", "task-a", 1): (0.7, 0.20, 0.10),
+    ("lora", "task-b", 0): (0.2, 0.50, 0.50), ("lora", "task-b", 1): (0.4, 0.30, 0.30),
+    ("eva", "task-a", 0): (0.6, 0.30, 0.20), ("eva", "task-a", 1): (0.8, 0.10, 0.10),
+    ("eva", "task-b", 0): (0.3, 0.40, 0.40), ("eva", "task-b", 1): (0.3, 0.20, 0.20),
+    ("fft", "task-a", 0): (1.0, 0.05, 0.05),
+}
+
+
+def write_run(root: Path, method: str, task: str, seed: int, success: float, loss: float, error: float,
+              *, rank: int | None = 8, point: dict | None = None, params: int = 1000) -> Path:
+    run_dir = root / f"{task}__{method}__s{seed}" if point is None else root / "__".join(f"{k}={v}" for k, v in point.items())
+    run_dir.mkdir(parents=True)
+    steps = [0, 50, 100]
+    metrics = {
+        "kind": "finetune", "task": task, "method": method, "rank": None if method == "fft" else rank, "seed": seed,
+        "trainable_params": params, "total_params": 100_000, "train_seconds": 1.0, "eva_seconds": None,
+        "train_loss": [[s, loss * (3 - i)] for i, s in enumerate(steps)],
+        "val_action_error": [[s, error * (3 - i)] for i, s in enumerate(steps)],
+        "eval": [{"step": s, "success_rate": success * i / 2, "success_stderr": 0.1, "return_mean": 100 * success * i,
+                  "return_stderr": 1.0} for i, s in enumerate(steps)],
+        "final": {"success_rate": success, "success_stderr": 0.1, "return_mean": 1000 * success, "return_stderr": 5.0,
+                  "train_loss": loss, "val_action_error": error},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if point is not None:
+        (run_dir / "run.json").write_text(json.dumps({"point": point, "status": "done"}))
+    return run_dir
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    for (method, task, seed), (success, loss, error) in FINALS.items():
+        write_run(tmp_path, method, task, seed, success, loss, error,
+                  params={"fft": 100_000, "lora": 2000, "eva": 2000}[method])
+    # a pretraining run in the same tree is not a table row
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "metrics.json").write_text(json.dumps({"kind": "pretrain", "seed": 0, "final": {}}))
+    return tmp_path
+
+
+def test_table_cells_are_mean_and_stderr_over_seeds(runs_dir: Path) -> None:
+    runs = load_runs(runs_dir)
+    assert len(runs) == 9
+    table = metric_table(runs, "success")
+    assert table.variants == ("fft", "lora", "eva")  # the paper's row order
+    assert table.tasks == ("task-a", "task-b")
+    a = table.cells[("lora", "task-a")]
+    assert a.n == 2 and a.mean == pytest.approx(0.6) and a.stderr == pytest.approx(0.1)
+    assert table.cells[("eva", "task-b")].stderr == pytest.approx(0.0)
+    avg = table.average["lora"]
+    assert avg.mean == pytest.approx(0.45) and avg.stderr == pytest.approx(math.sqrt(0.02) / 2)
+    assert table.average["eva"].mean == pytest.approx(0.5)
+    fft = table.cells[("fft", "task-a")]
+    assert fft.n == 1 and math.isnan(fft.stderr) and ("fft", "task-b") not in table.cells
+    markdown = table.to_markdown()
+    assert "| lora | 0.60 ± 0.10 | 0.30 ± 0.10 | 0.45 ± 0.07 |" in markdown
+    assert "| fft | 1.00 | – | 1.00 |" in markdown
+    returns = metric_table(runs, "return")
+    assert returns.cells[("eva", "task-a")].mean == pytest.approx(700.0)
+
+
+def test_iqm_and_stratified_bootstrap(runs_dir: Path) -> None:
+    aggregates = {a.variant: a for a in aggregate_scores(load_runs(runs_dir), "success", n_bootstrap=500)}
+    lora = aggregates["lora"]
+    assert lora.n_runs == 4 and lora.n_tasks == 2
+    assert lora.mean == pytest.approx(0.45)
+    assert lora.iqm == pytest.approx(0.45)  # sorted 0.2 0.4 0.5 0.7 -> mean of 0.4, 0.5
+    assert aggregates["eva"].iqm == pytest.approx(0.45)  # 0.3 0.3 0.6 0.8 -> mean of 0.3, 0.6
+    assert lora.mean_ci[0] <= lora.mean <= lora.mean_ci[1] and lora.mean_ci[0] < lora.mean_ci[1]
+    assert aggregates["fft"].mean_ci == pytest.approx((1.0, 1.0))
+    # stratified: each resample keeps every task's own run count, so constant tasks stay constant
+    groups = [np.array([0.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0])]
+    assert stratified_bootstrap_ci(groups, lambda s: s.mean(axis=1)) == pytest.approx((2 / 3, 2 / 3))
+    x = np.arange(12.0)
+    assert report.iqm(x) == pytest.approx(trim_mean(x, 0.25)) == pytest.approx(5.5)
+
+
+def test_paired_differences_against_lora_and_fft(runs_dir: Path) -> None:
+    paired = {(p.variant, p.baseline, p.measure): p for p in paired_comparisons(load_runs(runs_dir))}
+    success = paired[("eva", "lora", "success")]
+    assert success.n_pairs == 4
+    assert success.mean_diff == pytest.approx(0.05) and success.stderr == pytest.approx(0.05)
+    assert success.n_better == 3
+    loss = paired[("eva", "lora", "train_loss")]
+    assert loss.mean_diff == pytest.approx(-0.1) and loss.stderr == pytest.approx(0.0) and loss.n_better == 4
+    error = paired[("eva", "lora", "val_action_error")]
+    assert error.mean_diff == pytest.approx(-0.075) and error.n_better == 3
+    # fft ran one (task, seed): a single pair, no stderr
+    vs_fft = paired[("lora", "fft", "success")]
+    assert vs_fft.n_pairs == 1 and vs_fft.mean_diff == pytest.approx(-0.5) and math.isnan(vs_fft.stderr)
+    assert ("fft", "lora", "success") in paired and paired[("fft", "lora", "success")].n_pairs == 1
+
+
+def test_ranks_become_rows_and_pairs_match_the_rank(tmp_path: Path) -> None:
+    for rank, lora, eva in ((4, 0.2, 0.6), (8, 0.5, 0.5)):
+        for method, success in (("lora", lora), ("eva", eva)):
+            write_run(tmp_path, method, "task-a", 0, success, 0.1, 0.1, rank=rank,
+                      point={"task": "task-a", "method": method, "rank": rank, "seed": 0})
+    runs = load_runs(tmp_path)
+    assert sorted(r.variant for r in runs) == ["eva r=4", "eva r=8", "lora r=4", "lora r=8"]
+    paired = {(p.variant, p.measure): p for p in paired_comparisons(runs, baselines=("lora",))}
+    assert paired[("eva r=4", "success")].mean_diff == pytest.approx(0.4)
+    assert paired[("eva r=8", "success")].mean_diff == pytest.approx(0.0)
+
+
+def test_write_report_files_plots_and_hparams(runs_dir: Path) -> None:
+    eva_run = runs_dir / "task-a__eva__s0"
+    (eva_run / "eva_report.json").write_text(json.dumps({"ranks": {"encoder.h.0.attn.c_attn": 8, "encoder.h.0.mlp.c_fc": 4}}))
+    result = write_report(runs_dir, n_bootstrap=200)
+    out = runs_dir / "report"
+    for name in ("report.md", "success.csv", "return.csv", "train_loss.csv", "val_action_error.csv",
+                 "aggregate.csv", "paired.csv", "runs.csv"):
+        assert (out / name).is_file(), name
+    for name in ("success_vs_steps.png", "train_loss_vs_steps.png", "val_action_error_vs_steps.png",
+                 "eva_ranks.png", "params_vs_success.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    with open(out / "success.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert float(rows["lora"]["task-a"]) == pytest.approx(0.6)
+    assert float(rows["lora"]["task-a stderr"]) == pytest.approx(0.1)
+    assert float(rows["eva"]["average"]) == pytest.approx(0.5)
+    assert rows["fft"]["task-b"] == "" and rows["fft"]["task-a stderr"] == ""
+    assert "## Paired differences" in result.markdown and "| eva | lora | success | 4 | +0.05 ± 0.05 | 3/4 |" in result.markdown
+    assert list((out / "tb_hparams").rglob("events.out.tfevents.*"))
+    assert report.read_eva_ranks(runs_dir / "task-b__eva__s0") is None
+    table = report.summary_table(result)
+    assert "| eva | 4 | 0.50 ± 0.12 |" in table
+
+
+def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="No fine-tuning metrics.json"):
+        write_report(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_runs(tmp_path / "missing")
+    assert mean_stderr([]).n == 0
