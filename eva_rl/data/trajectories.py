@@ -66,8 +66,10 @@ def _open_minari(source: Source) -> Any:
     """A minari.MinariDataset for a path or a local dataset id; clear errors for anything else."""
     import minari  # imported here: minari pulls in a lot and only loading needs it
 
-    path = Path(source)
-    if isinstance(source, os.PathLike) or path.exists():
+    path = Path(source).expanduser()
+    # Minari ids never start with "/", "." or "~" nor end in a file suffix: those are meant as paths
+    looks_like_path = str(source).startswith(("/", ".", "~")) or path.suffix in (".hdf5", ".h5", ".json")
+    if isinstance(source, os.PathLike) or path.exists() or looks_like_path:
         return _open_minari_path(path)
     try:
         return minari.load_dataset(str(source), download=False)
