@@ -1,0 +1,720 @@
+"""Grids of runs: `eva-rl experiment CONFIG` (collect -> pretrain -> finetune/evaluate).
+
+An experiment YAML (`ExperimentConfig`) names the data to collect, a pretrained checkpoint or a
+pretraining stage to run first, and a fine-tuning grid: tasks x methods x ranks x seeds x any
+swept config key. Each stage whose outputs exist is not redone. Layout of `out_dir`:
+
+    datasets/                       Minari datasets (unless collect.datasets_dir says elsewhere)
+    pretrain/                       the pretraining run (train.py's layout; model/ is the checkpoint)
+    runs/<task>/<method>-r<rank>-s<seed>[-<key>=<value>...]/
+        run.json                    grid point, the resolved config, status, pid, times
+        config.yaml, tb/, checkpoints/, metrics.json   (written by the training loop)
+        log.txt                     the run's stdout and stderr
+        done                        written atomically after metrics.json: the run is finished
+        error.txt                   the traceback of a failed attempt
+
+Re-running the same command skips runs with a `done` marker and resumes the others from their
+latest checkpoint. A run directory made by a different config is never overwritten silently:
+planning stops with an error unless `overwrite=True`, which moves the old run to `_replaced/`.
+A failed run is recorded (status failed, error.txt) and the others go on.
+
+Executors run `run_fn(run_dir, config) -> metrics dict | None` for each job: the pipeline's
+stage functions below, or any picklable function (tests pass tiny ones). Backends:
+`local` (one spawned process per run, at most `workers` at a time) and `ray` (one Ray task per
+run with its CPU/GPU needs, on a local instance or the cluster at `address`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from eva_rl.config import config_to_dict, load_config, write_text_atomic
+
+RunFn = Callable[[Path, dict], "dict | None"]
+BACKENDS = ("local", "ray")
+
+
+# --- config ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CollectStage:
+    """Which datasets to collect (one per task and noise level); existing ones are reused."""
+
+    # Collect missing datasets; False = they must exist already.
+    enabled: bool = True
+    # Root of the Minari datasets; None = <out_dir>/datasets.
+    datasets_dir: str | None = None
+    # Behaviour policy: "expert" (Meta-World scripted), "random", "sb3:PATH[:ALGO]".
+    policy: str = "expert"
+    # Gaussian action-noise sigmas; one dataset per task per sigma (mixed-quality data).
+    noises: tuple[float, ...] = (0.1,)
+    # Episodes per pretraining task and noise level.
+    pretrain_episodes: int = 30
+    # Episodes per fine-tuning task and noise level.
+    finetune_episodes: int = 30
+    # Seed of the envs and the noise.
+    seed: int = 0
+    # Steps per episode; None = the suite's horizon.
+    horizon: int | None = None
+    # Behaviour policy for the fine-tuning tasks; None = `policy` (e.g. an SB3 model of another body).
+    finetune_policy: str | None = None
+    # Behaviour policy for the pretraining tasks; None = `policy`.
+    pretrain_policy: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.noises or any(n < 0 for n in self.noises):
+            raise ValueError(f"collect.noises must be non-empty and >= 0, got {self.noises}.")
+        if self.pretrain_episodes < 1 or self.finetune_episodes < 1:
+            raise ValueError("collect.pretrain_episodes and collect.finetune_episodes must be >= 1.")
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    """The pretrained checkpoint: an existing one, or a pretraining run made first."""
+
+    # Existing pretrained model directory; when set, no pretraining is run.
+    checkpoint: str | None = None
+    # Tasks or suites to pretrain on (their datasets are collected).
+    tasks: tuple[str, ...] = ()
+    # Base TrainConfig YAML (path, or a name in the package's configs/); None = defaults.
+    config: str | None = None
+    # TrainConfig keys (nested or dotted) set for the pretraining run.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # CPU threads of the pretraining run; 0 = every core of the machine.
+    cpus: int = 0
+    # GPUs of the pretraining run (Ray backend; the local backend uses what the config says).
+    gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None and not self.tasks:
+            raise ValueError("pretrain: set pretrain.checkpoint (an existing model dir) or pretrain.tasks to pretrain on.")
+        if self.cpus < 0 or self.gpus < 0:
+            raise ValueError("pretrain.cpus and pretrain.gpus must be >= 0.")
+
+
+@dataclass(frozen=True)
+class FinetuneStage:
+    """The grid: tasks x methods x ranks x seeds x every swept key."""
+
+    # Tasks or suites to fine-tune on.
+    tasks: tuple[str, ...] = ()
+    # Fine-tuning methods (fft, lora, dora, pissa, olora, adalora, eva, eva_dora).
+    methods: tuple[str, ...] = ("lora", "eva")
+    # Adapter ranks (fft ignores them: one fft run per task and seed).
+    ranks: tuple[int, ...] = (8,)
+    # Seeds: each one a run per grid point.
+    seeds: tuple[int, ...] = (0,)
+    # Base fine-tuning YAML (path, or a name in the package's configs/); None = defaults.
+    config: str | None = None
+    # Fine-tuning config keys (nested or dotted) set for every run.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Dotted fine-tuning config key -> list of values; each is a grid axis.
+    sweep: dict[str, Any] = field(default_factory=dict)
+    # Per-method keys, e.g. {fft: {train.optim.lr: 1e-4}, lora: {train.optim.lr: 1e-3}}.
+    method_overrides: dict[str, Any] = field(default_factory=dict)
+    # CPU threads per run (the local backend runs cores // cpus_per_run at once by default).
+    cpus_per_run: int = 1
+    # GPUs per run (Ray backend).
+    gpus_per_run: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("finetune.tasks is empty: name the tasks (or a suite) to fine-tune on.")
+        if not self.methods or not self.seeds:
+            raise ValueError("finetune.methods and finetune.seeds must each name at least one value.")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"finetune.ranks must be >= 1, got {self.ranks}.")
+        if self.cpus_per_run < 1:
+            raise ValueError("finetune.cpus_per_run must be >= 1.")
+        for key, values in self.sweep.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"finetune.sweep.{key} must be a non-empty list of values, got {values!r}.")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: collect -> pretrain -> fine-tuning grid (each run evaluates at its end)."""
+
+    # Name shown in the progress display and the report.
+    name: str = "experiment"
+    # Root of everything the experiment writes (relative paths are relative to the working directory).
+    out_dir: str = "runs/experiment"
+    collect: CollectStage = field(default_factory=CollectStage)
+    pretrain: PretrainStage = field(default_factory=lambda: PretrainStage(tasks=("reach-v3",)))
+    finetune: FinetuneStage = field(default_factory=lambda: FinetuneStage(tasks=("push-v3",)))
+
+
+def config_path(name: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> Path:
+    """Find a config file: as given, next to `relative_to`, or in the package's configs.
+
+    The package's configs are `eva_rl/_configs/` in a wheel (hatch force-includes configs/ there)
+    and the repository's `configs/` in an editable install.
+    """
+    path = Path(name)
+    candidates = [path]
+    if not path.is_absolute():
+        if relative_to is not None:
+            candidates.append(Path(relative_to).parent / path)
+        package = Path(__file__).resolve().parent
+        candidates += [package / "_configs" / path, package.parent / "configs" / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"Config {str(name)!r} not found (looked in: {', '.join(str(c) for c in candidates)}). "
+        f"Pass a path to a YAML file, or the name of one in configs/ (e.g. quickstart.yaml).")
+
+
+def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load an ExperimentConfig from YAML (found with `config_path`) plus dotted overrides."""
+    return load_config(ExperimentConfig, config_path(path) if path is not None else None, overrides)
+
+
+# --- grid ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One run: a directory, the config its run function receives, and its resource needs."""
+
+    name: str                  # run directory relative to the experiment's out_dir
+    run_dir: Path
+    config: dict[str, Any]     # handed to run_fn; JSON-serialisable
+    point: dict[str, Any] = field(default_factory=dict)   # grid labels (task, method, rank, seed, swept keys)
+    cpus: int = 1
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobResult:
+    name: str
+    status: str                # "done" | "skipped" | "failed"
+    seconds: float
+    error: str | None = None
+
+
+def expand_grid(stage: FinetuneStage, tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Grid points in a stable order: task, method, rank, seed, then swept keys.
+
+    fft has no rank, so it gets one point per (task, seed, swept values) with rank None.
+    `tasks` replaces stage.tasks (already resolved from suite names).
+    """
+    points: list[dict[str, Any]] = []
+    sweep = [(key, list(values)) for key, values in stage.sweep.items()]
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in sweep:
+        combos = [{**c, key: v} for c in combos for v in values]
+    for task in tasks if tasks is not None else stage.tasks:
+        for method in stage.methods:
+            for rank in ([None] if method == "fft" else stage.ranks):
+                for seed in stage.seeds:
+                    for combo in combos:
+                        points.append({"task": task, "method": method, "rank": rank, "seed": seed, **combo})
+    return points
+
+
+def run_name(point: dict[str, Any]) -> str:
+    """`<task>/<method>-r<rank>-s<seed>[-<key>=<value>...]` (rank left out when None)."""
+    parts = [str(point["method"])]
+    if point.get("rank") is not None:
+        parts.append(f"r{point['rank']}")
+    parts.append(f"s{point['seed']}")
+    parts += [f"{k}={_value_text(v)}" for k, v in point.items() if k not in ("task", "method", "rank", "seed")]
+    return f"{point['task']}/" + "-".join(parts).replace("/", "_")
+
+
+def _value_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}, "steps": 2} -> {"optim.lr": 1, "steps": 2} (dotted keys pass through)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolve_config(cls: type, yaml_path: str | os.PathLike | None, *layers: dict[str, Any]) -> dict[str, Any]:
+    """The plain dict of `cls` from a YAML and dotted-key layers (later layers win); validates now.
+
+    Values go through JSON on the way to OmegaConf's dotlist, so lists, None and strings keep
+    their types. Raises the config's own ValueError (naming the key) before any run starts.
+    """
+    dotlist = []
+    for layer in layers:
+        for key, value in flatten(layer).items():
+            dotlist.append(f"{key}={json.dumps(_plain(value))}")
+    return config_to_dict(load_config(cls, yaml_path, dotlist))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- running one job (inside a worker) ----------------------------------------------------------
+
+DONE = "done"
+RUN_JSON = "run.json"
+
+
+def is_done(run_dir: Path) -> bool:
+    """A run is finished when its `done` marker exists (written after metrics.json)."""
+    return (run_dir / DONE).is_file() and (run_dir / "metrics.json").is_file()
+
+
+def _read_run_json(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RUN_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_run_json(run_dir: Path, **fields: Any) -> None:
+    data = _read_run_json(run_dir)
+    data.update(fields)
+    write_text_atomic(run_dir / RUN_JSON, json.dumps(data, indent=2, default=str))
+
+
+def set_threads(threads: int) -> None:
+    """Limit BLAS/OpenMP and torch to `threads` in this process (before torch does its work)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def execute_job(run_fn: RunFn, job: Job, threads: int | None = None) -> JobResult:
+    """Run one job in this process: log to log.txt, record status, write `done` or error.txt.
+
+    Never raises for the run's own errors: a failure is returned (and written) so a grid goes on.
+    """
+    start = time.time()
+    run_dir = job.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if threads:
+        set_threads(threads)
+    attempts = int(_read_run_json(run_dir).get("attempts", 0)) + 1
+    _write_run_json(run_dir, name=job.name, point=job.point, config=job.config, status="running",
+                    pid=os.getpid(), host=socket.gethostname(), started=start, attempts=attempts)
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    error = None
+    with _redirect_output(run_dir / "log.txt"):
+        try:
+            metrics = run_fn(run_dir, job.config)
+            metrics_path = run_dir / "metrics.json"
+            if metrics is not None and not metrics_path.is_file():
+                write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
+            if not metrics_path.is_file():
+                raise RuntimeError(f"The run function finished without writing {metrics_path}.")
+        except BaseException:  # noqa: BLE001 - a run's failure of any kind is recorded, not raised
+            error = traceback.format_exc()
+            traceback.print_exc()
+    seconds = time.time() - start
+    if error is not None:
+        write_text_atomic(run_dir / "error.txt", error)
+        _write_run_json(run_dir, status="failed", finished=time.time(), seconds=seconds,
+                        error=error.strip().splitlines()[-1])
+        return JobResult(job.name, "failed", seconds, error)
+    write_text_atomic(run_dir / DONE, json.dumps({"finished": time.time(), "seconds": seconds}))
+    _write_run_json(run_dir, status="done", finished=time.time(), seconds=seconds)
+    return JobResult(job.name, "done", seconds)
+
+
+class _redirect_output:
+    """Send this process's stdout/stderr (file descriptors too: C code, tqdm) to a log file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        sys.stdout.flush(), sys.stderr.flush()
+        self.log = open(self.path, "a", buffering=1)
+        self.saved = (os.dup(1), os.dup(2))
+        os.dup2(self.log.fileno(), 1)
+        os.dup2(self.log.fileno(), 2)
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        os.close(self.saved[0]), os.close(self.saved[1])
+        self.log.close()
+
+
+def _child_main(run_fn: RunFn, job: Job, threads: int) -> None:
+    set_threads(threads)  # before the run function imports torch
+    result = execute_job(run_fn, job, threads)
+    sys.exit(0 if result.status == "done" else 1)
+
+
+# --- planning and executors ---------------------------------------------------------------------
+
+def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job], list[JobResult]]:
+    """Split jobs into those to run and those already finished; protect runs of another config.
+
+    A run directory whose run.json holds a different config than the job is an error (results are
+    never overwritten silently), unless overwrite=True: the old directory then moves to
+    `<parent of runs>/_replaced/<name>-<time>`.
+    """
+    todo, skipped, conflicts = [], [], []
+    for job in jobs:
+        recorded = _read_run_json(job.run_dir)
+        if recorded and recorded.get("config") is not None and recorded["config"] != _jsonable(job.config):
+            if not overwrite:
+                conflicts.append(job)
+                continue
+            replaced = job.run_dir.parent / "_replaced" / f"{job.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            replaced.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(job.run_dir), replaced)
+        elif is_done(job.run_dir):
+            skipped.append(JobResult(job.name, "skipped", 0.0))
+            continue
+        todo.append(job)
+    if conflicts:
+        names = ", ".join(str(j.run_dir) for j in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+        raise FileExistsError(
+            f"{len(conflicts)} run directories hold results of a different config: {names}. "
+            f"Use another out_dir, or pass --overwrite to move them to _replaced/ and run again.")
+    return todo, skipped
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config, default=str))
+
+
+def default_workers(cpus_per_run: int = 1) -> int:
+    """Runs at once on this machine: its cores (as this process may use them) // cpus_per_run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, cpus_per_run))
+
+
+class Progress:
+    """One status line: done / running / failed of a total, and an ETA from finished runs' times."""
+
+    def __init__(self, label: str, total: int, workers: int, skipped: int = 0, enabled: bool = True) -> None:
+        self.label, self.total, self.workers, self.enabled = label, total, max(1, workers), enabled
+        self.done, self.failed, self.running, self.skipped = skipped, 0, 0, skipped
+        self.durations: list[float] = []
+        self.last = ""
+        self.started = time.time()
+
+    def update(self, running: int, finished: Iterable[JobResult] = ()) -> None:
+        for result in finished:
+            if result.status == "failed":
+                self.failed += 1
+            else:
+                self.done += 1
+                self.durations.append(result.seconds)
+        self.running = running
+        self.show()
+
+    def eta_seconds(self) -> float | None:
+        if not self.durations:
+            return None
+        left = self.total - self.done - self.failed
+        mean = sum(self.durations) / len(self.durations)
+        return max(0.0, (left - self.running / 2) * mean / self.workers)
+
+    def text(self) -> str:
+        eta = self.eta_seconds()
+        eta_text = "?" if eta is None else _duration(eta)
+        skipped = f" ({self.skipped} already done)" if self.skipped else ""
+        return (f"[{self.label}] {self.done}/{self.total} done{skipped}, {self.running} running, "
+                f"{self.failed} failed, elapsed {_duration(time.time() - self.started)}, ETA {eta_text}")
+
+    def show(self, force: bool = False) -> None:
+        text = self.text()
+        if self.enabled and (force or text.split(", elapsed")[0] != self.last.split(", elapsed")[0]):
+            print(text, file=sys.stderr, flush=True)
+        self.last = text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_jobs(jobs: Sequence[Job], run_fn: RunFn, *, backend: str = "local", workers: int | None = None,
+             address: str | None = None, overwrite: bool = False, progress: bool = True,
+             label: str = "runs", poll_seconds: float = 0.2) -> list[JobResult]:
+    """Run every unfinished job with `run_fn(run_dir, config)`; returns one result per job.
+
+    local: one spawned process per run (a fresh interpreter: no torch/MuJoCo state is forked),
+    at most `workers` at once (default: cores // the jobs' cpus), each limited to the job's cpus
+    in threads. A process pool (concurrent.futures) is not used because one killed worker breaks
+    every pending run of such a pool; here it fails only its own run.
+    ray: one Ray task per run with num_cpus/num_gpus from the job, on the running Ray instance,
+    the cluster at `address`, or a new local one.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    todo, results = plan_jobs(jobs, overwrite=overwrite)
+    cpus = max((j.cpus for j in todo), default=1)
+    workers = workers or default_workers(cpus)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    bar = Progress(label, len(jobs), workers, skipped=len(results), enabled=progress)
+    bar.show(force=True)
+    if todo:
+        if backend == "local":
+            results += _run_local(todo, run_fn, workers, bar, poll_seconds)
+        else:
+            results += _run_ray(todo, run_fn, address, bar, poll_seconds)
+    bar.show(force=True)
+    order = {j.name: i for i, j in enumerate(jobs)}
+    return sorted(results, key=lambda r: order.get(r.name, len(order)))
+
+
+def _run_local(jobs: Sequence[Job], run_fn: RunFn, workers: int, bar: Progress, poll: float) -> list[JobResult]:
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    pending = list(jobs)
+    running: dict[str, tuple[Any, Job]] = {}
+    results: list[JobResult] = []
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus), daemon=True,
+                                          name=f"eva-rl:{job.name}")
+                process.start()
+                running[job.name] = (process, job)
+            finished = []
+            for name, (process, job) in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del running[name]
+                finished.append(_local_result(job, process.exitcode))
+            results += finished
+            bar.update(len(running), finished)
+            if running:
+                time.sleep(poll)
+    finally:
+        for process, _ in running.values():  # interrupted (Ctrl-C): stop our own children
+            process.terminate()
+    return results
+
+
+def _local_result(job: Job, exitcode: int | None) -> JobResult:
+    recorded = _read_run_json(job.run_dir)
+    seconds = float(recorded.get("seconds") or (time.time() - float(recorded.get("started", time.time()))))
+    if exitcode == 0 and is_done(job.run_dir):
+        return JobResult(job.name, "done", seconds)
+    if recorded.get("status") == "failed":
+        error = (job.run_dir / "error.txt").read_text() if (job.run_dir / "error.txt").is_file() else "failed"
+        return JobResult(job.name, "failed", seconds, error)
+    # The worker died without recording why (killed, out of memory): record it for it.
+    how = f"killed by signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
+    error = (f"The worker process running {job.name} died ({how}) before the run finished. "
+             f"Run the experiment again to resume it from its latest checkpoint.\n")
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(job.run_dir / "error.txt", error)
+    _write_run_json(job.run_dir, status="failed", finished=time.time(), seconds=seconds, error=error.strip())
+    return JobResult(job.name, "failed", seconds, error)
+
+
+def _run_ray(jobs: Sequence[Job], run_fn: RunFn, address: str | None, bar: Progress, poll: float) -> list[JobResult]:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("The ray backend needs Ray: pip install 'eva-rl[ray]' (or 'ray[default]').") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
+    remote = ray.remote(max_retries=0)(execute_job)
+    refs = {}
+    for job in jobs:
+        ref = remote.options(num_cpus=job.cpus, num_gpus=job.gpus).remote(run_fn, job, job.cpus)
+        refs[ref] = job
+    results: list[JobResult] = []
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(poll, 1.0))
+        finished = []
+        for ref in ready:
+            job = refs.pop(ref)
+            try:
+                finished.append(ray.get(ref))
+            except Exception as exc:  # the worker died (ray.exceptions.WorkerCrashedError and kin)
+                error = f"The Ray task running {job.name} failed outside the run: {exc}\n"
+                write_text_atomic(job.run_dir / "error.txt", error)
+                _write_run_json(job.run_dir, status="failed", finished=time.time(), error=error.strip())
+                finished.append(JobResult(job.name, "failed", 0.0, error))
+        results += finished
+        bar.update(len(refs), finished)
+    return results
+
+
+# --- the pipeline's stages -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    out_dir: Path
+    checkpoint: Path
+    pretrain: JobResult | None
+    runs: tuple[JobResult, ...]
+
+    @property
+    def failed(self) -> list[JobResult]:
+        return [r for r in self.runs if r.status == "failed"] + (
+            [self.pretrain] if self.pretrain is not None and self.pretrain.status == "failed" else [])
+
+
+def dataset_paths(config: ExperimentConfig, tasks: Sequence[str], which: str) -> list[Path]:
+    """The dataset directories of `tasks` for the pretrain or finetune stage (one per noise level)."""
+    from eva_rl.data.collect import dataset_id
+
+    root = datasets_dir(config)
+    policy = _stage_policy(config.collect, which)
+    return [root / dataset_id(task, policy, noise) for task in tasks for noise in config.collect.noises]
+
+
+def datasets_dir(config: ExperimentConfig) -> Path:
+    root = Path(config.collect.datasets_dir) if config.collect.datasets_dir else Path(config.out_dir) / "datasets"
+    return root.resolve()
+
+
+def _stage_policy(collect: CollectStage, which: str) -> str:
+    specific = collect.pretrain_policy if which == "pretrain" else collect.finetune_policy
+    return specific or collect.policy
+
+
+def collect_stage(config: ExperimentConfig, pretrain_tasks: Sequence[str], finetune_tasks: Sequence[str],
+                  workers: int = 1) -> list[Path]:
+    """Collect every missing dataset of the experiment; returns the datasets collected now."""
+    from eva_rl.data.collect import CollectConfig, collect_tasks, dataset_id
+
+    root = datasets_dir(config)
+    made = []
+    for which, tasks, episodes in (("pretrain", pretrain_tasks, config.collect.pretrain_episodes),
+                                   ("finetune", finetune_tasks, config.collect.finetune_episodes)):
+        policy = _stage_policy(config.collect, which)
+        for noise in config.collect.noises:
+            missing = [t for t in dict.fromkeys(tasks) if not (root / dataset_id(t, policy, noise)).exists()]
+            if not missing:
+                continue
+            if not config.collect.enabled:
+                raise FileNotFoundError(
+                    f"Datasets of {missing} (policy {policy}, noise {noise}) are missing under {root} and "
+                    f"collect.enabled is false. Set collect.enabled=true or point collect.datasets_dir at them.")
+            collect_config = CollectConfig(policy=policy, noise=noise, episodes=episodes, seed=config.collect.seed,
+                                           horizon=config.collect.horizon, out=str(root),
+                                           workers=min(workers, len(missing)))
+            made += [s.path for s in collect_tasks(missing, collect_config)]
+    return made
+
+
+def pretrain_job(config: ExperimentConfig, tasks: Sequence[str], yaml_file: Path | None = None) -> Job:
+    """The pretraining run: TrainConfig from pretrain.config + overrides, on the tasks' datasets."""
+    from eva_rl.train import TrainConfig
+
+    run_dir = Path(config.out_dir).resolve() / "pretrain"
+    paths = [str(p) for p in dataset_paths(config, tasks, "pretrain")]
+    base = config_path(config.pretrain.config, yaml_file) if config.pretrain.config else None
+    resolved = resolve_config(TrainConfig, base, config.pretrain.overrides,
+                              {"data.paths": paths, "out_dir": str(run_dir), "resume": True, "progress": False})
+    cpus = config.pretrain.cpus or default_workers(1)
+    return Job("pretrain", run_dir, resolved, {"stage": "pretrain"}, cpus=cpus, gpus=config.pretrain.gpus)
+
+
+def run_pretrain(run_dir: Path, config: dict[str, Any]) -> None:
+    """Run function of the pretraining job (train.pretrain writes metrics.json and model/)."""
+    from eva_rl.train import TrainConfig, pretrain
+
+    pretrain(load_config(TrainConfig, base=config))
+
+
+def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Path,
+                  yaml_file: Path | None = None) -> list[Job]:
+    """One job per grid point, its FinetuneConfig resolved (and validated) now."""
+    from eva_rl.finetune import FinetuneConfig
+
+    stage = config.finetune
+    base = config_path(stage.config, yaml_file) if stage.config else None
+    jobs = []
+    for point in expand_grid(stage, tasks):
+        name = run_name(point)
+        run_dir = Path(config.out_dir).resolve() / "runs" / name
+        swept = {k: v for k, v in point.items() if k not in ("task", "method", "rank", "seed")}
+        per_method = stage.method_overrides.get(point["method"]) or {}
+        keys = finetune_keys(point, checkpoint, dataset_paths(config, [point["task"]], "finetune"), run_dir)
+        resolved = resolve_config(FinetuneConfig, base, stage.overrides, per_method, swept, keys)
+        jobs.append(Job(name, run_dir, resolved, point, cpus=stage.cpus_per_run, gpus=stage.gpus_per_run))
+    return jobs
+
+
+def finetune_keys(point: dict[str, Any], checkpoint: Path, paths: Sequence[Path], run_dir: Path) -> dict[str, Any]:
+    """The FinetuneConfig keys a grid point fixes (method, rank, seed, data, checkpoint, run dir)."""
+    keys: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "method": point["method"],
+        "train.seed": point["seed"], "train.out_dir": str(run_dir), "train.resume": True, "train.progress": False,
+        "train.data.paths": [str(p) for p in paths],
+    }
+    if point.get("rank") is not None:
+        keys["rank"] = point["rank"]
+    return keys
+
+
+def run_finetune(run_dir: Path, config: dict[str, Any]) -> None:
+    """Run function of a fine-tuning job (finetune writes metrics.json, adapter, eva_report.json)."""
+    from eva_rl.finetune import FinetuneConfig, finetune
+
+    finetune(load_config(FinetuneConfig, base=config))
+
+
+def run_experiment(config: ExperimentConfig, *, backend: str = "local", workers: int | None = None,
+                   address: str | None = None, overwrite: bool = False, progress: bool = True,
+                   yaml_path: str | os.PathLike | None = None) -> ExperimentResult:
+    """Collect -> pretrain -> fine-tuning grid; every stage skips what is already done.
+
+    yaml_path: the experiment's YAML, so that relative `config:` entries resolve next to it.
+    Returns the per-run results; failed runs are listed in `result.failed` (their error.txt says why).
+    """
+    from eva_rl.envs import resolve_tasks
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    finetune_tasks = resolve_tasks(list(config.finetune.tasks))
+    pretrain_tasks = resolve_tasks(list(config.pretrain.tasks)) if config.pretrain.checkpoint is None else []
+    write_text_atomic(out / "experiment.json", json.dumps(config_to_dict(config), indent=2))
+    stage_workers = workers or default_workers(1)
+    collect_stage(config, pretrain_tasks, finetune_tasks, workers=stage_workers)
+    pretrain_result = None
+    if config.pretrain.checkpoint is not None:
+        checkpoint = Path(config.pretrain.checkpoint)
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"pretrain.checkpoint {str(checkpoint)!r} does not exist. Point it at a "
+                                    f"pretrained model directory, or unset it and name pretrain.tasks.")
+    else:
+        job = pretrain_job(config, pretrain_tasks, Path(yaml_path) if yaml_path else None)
+        [pretrain_result] = run_jobs([job], run_pretrain, backend=backend, workers=1, address=address,
+                                     overwrite=overwrite, progress=progress, label=f"{config.name}: pretrain")
+        if pretrain_result.status == "failed":
+            raise RuntimeError(f"Pretraining failed; see {job.run_dir / 'error.txt'}. Fix it and run again "
+                               f"(finished stages are skipped).")
+        checkpoint = job.run_dir / "model"
+    jobs = finetune_jobs(config, finetune_tasks, checkpoint, Path(yaml_path) if yaml_path else None)
+    results = run_jobs(jobs, run_finetune, backend=backend, workers=workers, address=address, overwrite=overwrite,
+                       progress=progress, label=f"{config.name}: finetune")
+    return ExperimentResult(out, checkpoint, pretrain_result, tuple(results))
