@@ -59,6 +59,27 @@ def _collect(args: argparse.Namespace) -> int:
 
 # --- pretrain (train owns this block) ------------------------------------------------------------
 
+def _pretrain_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its newest checkpoint")
+
+
+@command("pretrain", _pretrain_args)
+def _pretrain(args: argparse.Namespace) -> int:
+    import logging
+
+    from eva_rl.config import load_config
+    from eva_rl.train import TrainConfig, pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    result = pretrain(load_config(TrainConfig, args.config, overrides))
+    final = result.metrics["final"]
+    print(f"pretrained {result.steps} updates in {result.metrics['train_seconds']:.0f} s: final loss "
+          f"{final['train_loss']}, success {final['success_rate']} -> {result.out_dir / 'model'}")
+    return 0
+
+
 # --- evaluate (policy owns this block) -----------------------------------------------------------
 
 # --- finetune (adapters own this block) ----------------------------------------------------------

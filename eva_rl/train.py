@@ -1,0 +1,764 @@
+"""The offline training loop: one loop for pretraining and fine-tuning a Decision Transformer.
+
+`train(config, policy=..., dataset=..., on_step=...)` runs AdamW with linear warm-up and cosine
+decay on the masked action MSE of `policy.loss`, over the parameters that have `requires_grad`
+only (fine-tuning freezes the base and passes a PEFT-wrapped policy). It logs to tensorboard,
+shows a progress bar, evaluates on the training tasks and measures the action error on a
+held-out split every so often, and writes checkpoints atomically so that `resume=True` continues
+a killed run to exactly the weights an uninterrupted run reaches (on CPU).
+`pretrain(config)` loads the datasets, builds the policy from their dims and a preset, trains,
+and saves `model/` in the policy's `save_pretrained` format.
+
+Data parallel: started under `torchrun`, every process samples its own windows (sampler seeded
+by (seed, rank)), gradients are averaged by DDP (gloo on CPU, nccl on CUDA), and rank 0 alone
+writes checkpoints, logs, evaluations and metrics.
+
+Run directory (`out_dir`):
+    config.yaml          the resolved TrainConfig (pretrain), reloads with load_config
+    tb/                  tensorboard events
+    checkpoints/step_<n>/  model.safetensors + trainer.pt + meta.json; `latest` names the newest
+    model/               the final policy (pretrain)
+    metrics.json         written last: its presence means the run finished
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from eva_rl.config import config_to_dict, save_config, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+CHECKPOINT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+# --- config ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Minari dataset ids (`eva-rl/reach-v3-expert-v0`) or dataset directories; all are trained on.
+    paths: tuple[str, ...] = ()
+    # Returns-to-go are divided by this before they enter the model (raw units / return_scale).
+    return_scale: float = 1000.0
+    # Fraction of each task's episodes held out to measure the validation action error (0 = none).
+    val_fraction: float = 0.0
+    # Sample windows so that every task is equally likely (else proportional to its steps).
+    balance_tasks: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.return_scale > 0:
+            raise ValueError(f"data.return_scale must be > 0, got {self.return_scale}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}.")
+
+
+@dataclass(frozen=True)
+class PolicySection:
+    # Name of a PolicyConfig preset: tiny (tests), small (CPU experiments), paper (EVA paper's DT).
+    preset: str = "small"
+    # Each of the following overrides the preset's value when set (None keeps the preset's).
+    hidden_size: int | None = None  # width of the GPT-2 blocks
+    n_layer: int | None = None  # number of GPT-2 blocks
+    n_head: int | None = None  # attention heads per block
+    context_length: int | None = None  # K: steps per training window and per inference context
+    max_ep_len: int | None = None  # timestep embedding size: every timestep in the data must be below it
+    dropout: float | None = None  # dropout in embeddings, attention and MLP
+    activation: str | None = None  # MLP activation (relu, gelu, ...)
+    action_tanh: bool | None = None  # squash predicted actions into [-1, 1]
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields set here, as keyword overrides for `PolicyConfig.from_preset`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "preset" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # Peak learning rate of AdamW, reached at the end of warm-up.
+    lr: float = 1e-4
+    # Decoupled weight decay on matrices; biases, LayerNorm and embedding tables get none.
+    weight_decay: float = 0.01
+    # Updates of linear warm-up from lr/warmup_steps to lr; cosine decay follows.
+    warmup_steps: int = 1000
+    # The cosine decays to lr * min_lr_ratio at the last update.
+    min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this (0 = no clipping; the norm is still logged).
+    grad_clip: float = 0.25
+    # AdamW's (beta1, beta2).
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {tuple(self.betas)}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Datasets to train on and how to read them.
+    data: DataConfig = field(default_factory=DataConfig)
+    # Architecture (used when train/pretrain builds the policy; ignored when one is passed in).
+    policy: PolicySection = field(default_factory=PolicySection)
+    # Optimizer and learning-rate schedule.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Optimizer updates in the whole run.
+    steps: int = 10_000
+    # Windows per update, per process (the global batch under torchrun is batch_size * world size).
+    batch_size: int = 64
+    # Seeds model init, dropout (seed + rank) and the window sampler ((seed, rank)).
+    seed: int = 0
+    # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N". Under torchrun CUDA means cuda:LOCAL_RANK.
+    device: str = "auto"
+    # "auto" = bf16 autocast on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else fp32.
+    precision: str = "auto"
+    # Run the loss through torch.compile (faster on CUDA after a warm-up; off by default).
+    compile: bool = False
+    # Updates between loss/lr/grad-norm/throughput log points (also the progress bar's refresh).
+    log_every: int = 100
+    # Updates between evaluations on the training tasks (0 = never; the last update is always one).
+    eval_every: int = 0
+    # Also evaluate before the first update (a step-0 point in the success curve).
+    eval_at_start: bool = False
+    # Episodes per task in each evaluation.
+    eval_episodes: int = 10
+    # Parallel envs in each evaluation.
+    eval_num_envs: int = 8
+    # Seed of the evaluation envs: fixed, so every run and method meets the same task variants.
+    eval_seed: int = 1_000_000
+    # Tasks to evaluate on (empty = the tasks the dataset holds).
+    eval_tasks: tuple[str, ...] = ()
+    # Episode length in evaluation (None = the task's own horizon).
+    eval_horizon: int | None = None
+    # Updates between validation action-error measurements (needs data.val_fraction > 0; 0 = only at the end).
+    val_every: int = 500
+    # Held-out windows per validation measurement = val_batches * batch_size (fixed windows, same each time).
+    val_batches: int = 8
+    # Updates between checkpoints (0 = no checkpoints).
+    checkpoint_every: int = 1000
+    # Checkpoints kept on disk (older ones are deleted once a newer one is complete).
+    keep_checkpoints: int = 2
+    # Run directory (created; see the module docstring for its layout).
+    out_dir: str = "runs/pretrain"
+    # Continue from the newest good checkpoint in out_dir (start fresh if there is none).
+    resume: bool = False
+    # Show a tqdm progress bar (rank 0 only).
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "log_every": self.log_every,
+                    "eval_episodes": self.eval_episodes, "eval_num_envs": self.eval_num_envs,
+                    "val_batches": self.val_batches, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        non_negative = {"steps": self.steps, "eval_every": self.eval_every, "val_every": self.val_every,
+                        "checkpoint_every": self.checkpoint_every}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
+        if self.eval_horizon is not None and self.eval_horizon < 1:
+            raise ValueError(f"eval_horizon must be >= 1 or null, got {self.eval_horizon}.")
+        if not self.out_dir:
+            raise ValueError("out_dir must name a directory, got an empty string.")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Who this run is, for metrics.json (fine-tuning fills task/method/rank/eva_seconds)."""
+
+    kind: str = "pretrain"  # "pretrain" | "finetune"
+    task: str | None = None  # the fine-tuning task
+    method: str | None = None  # fine-tuning method name (lora, eva, ...)
+    rank: int | None = None  # adapter rank
+    eva_seconds: float | None = None  # seconds spent in EVA initialisation
+
+
+@dataclass
+class TrainResult:
+    """What a finished `train` returns."""
+
+    policy: nn.Module  # the trained policy (unwrapped: no DDP, no compile)
+    metrics: dict  # the metrics.json content
+    out_dir: Path  # the run directory
+    steps: int  # optimizer updates done (== config.steps)
+
+
+# --- pieces of the loop ------------------------------------------------------------------------
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for update number `step` (0-based): linear warm-up, then cosine.
+
+    Warm-up: (step + 1) / warmup_steps, reaching 1 at the last warm-up update. Then a half cosine
+    from 1 down to min_lr_ratio at update total_steps - 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the parameters with requires_grad: decay on matrices only.
+
+    Biases, LayerNorm gains and embedding tables (nn.Embedding) get no decay, as in nanoGPT/minGPT:
+    shrinking them toward zero only hurts.
+    """
+    no_decay_ids = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (no_decay if param.dim() < 2 or id(param) in no_decay_ids else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared tensors counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None = plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _LossModule(nn.Module):
+    """Wraps a policy so that DDP and torch.compile see `policy.loss(batch)` as the forward."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.policy.loss(batch)
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created: bool = False  # this call initialised the process group (and destroys it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_type: str) -> _Dist:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA), or run as one process."""
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Dist()
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created=True)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device for config.device (`auto` = CUDA when present); CUDA under torchrun = cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no CUDA device. Use device=cpu or device=auto.")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def _step_dir(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, trainer_state: dict, meta: dict,
+                    keep: int) -> Path:
+    """Write checkpoint `step` atomically: a temp dir, fsynced files, a rename, then the `latest` pointer.
+
+    A crash at any point leaves either the previous checkpoints untouched or the new one complete;
+    a leftover temp dir is ignored by `find_checkpoint` and removed by the next save.
+    """
+    from safetensors.torch import save_model
+
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    for leftover in checkpoints.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    final = _step_dir(checkpoints, step)
+    tmp = checkpoints / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    # meta.json is written last: a directory with it is complete.
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}))
+    for path in tmp.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    write_text_atomic(checkpoints / "latest", final.name + "\n")
+    for old in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint dir: the one `latest` names, else the highest complete step_* dir."""
+    if not checkpoints.is_dir():
+        return None
+    candidates = []
+    pointer = checkpoints / "latest"
+    if pointer.is_file():
+        candidates.append(checkpoints / pointer.read_text().strip())
+    candidates += sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
+    for path in candidates:
+        if path.is_dir() and all((path / name).is_file() for name in ("meta.json", "trainer.pt", "model.safetensors")):
+            return path
+    return None
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict, dict]:
+    """Load weights into `model` (strict) and return (trainer_state, meta). Never unpickles arbitrary objects."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"), strict=True)
+    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return trainer_state, meta
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    """Write metrics.json atomically (see the contract for its fields)."""
+    write_text_atomic(Path(path), json.dumps(metrics, indent=1) + "\n")
+
+
+def _rng_state(generator: np.random.Generator, device: torch.device) -> dict:
+    state = {"numpy": json.dumps(generator.bit_generator.state), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, generator: np.random.Generator, device: torch.device) -> None:
+    generator.bit_generator.state = json.loads(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather(obj: Any, ddp: _Dist) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in a single process)."""
+    if ddp.world_size == 1:
+        return [obj]
+    out: list = [None] * ddp.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- evaluation and validation -----------------------------------------------------------------
+
+def _eval_entry(result: Any, step: int) -> dict:
+    """The metrics.json eval record for one EvalResult (suite-level aggregates)."""
+    suite = result.suite
+    return {"step": step,
+            "success_rate": float(suite["success"]["mean"]), "success_stderr": float(suite["success"]["stderr"]),
+            "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"])}
+
+
+def _evaluate(policy: nn.Module, config: TrainConfig, tasks: tuple[str, ...]) -> Any:
+    from eva_rl.evaluate import evaluate
+
+    was_training = policy.training
+    try:
+        return evaluate(policy, list(tasks), config.eval_episodes, config.eval_seed,
+                        num_envs=config.eval_num_envs, horizon=config.eval_horizon)
+    finally:
+        policy.train(was_training)
+
+
+@torch.no_grad()
+def validation_action_error(policy: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                            dtype: torch.dtype | None) -> float:
+    """Mean masked action MSE of `policy` (eval mode) over fixed held-out `batches`."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        total = 0.0
+        for batch in batches:
+            with autocast(device, dtype):
+                total += float(policy.loss(_to_device(batch, device)))
+        return total / len(batches)
+    finally:
+        policy.train(was_training)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+# --- building --------------------------------------------------------------------------------
+
+def load_dataset(config: TrainConfig) -> Any:
+    """The TrajectoryDataset that config.data names."""
+    from eva_rl.data.trajectories import load_trajectories
+
+    if not config.data.paths:
+        raise ValueError("data.paths is empty: name the datasets to train on, e.g. "
+                         "data.paths='[eva-rl/reach-v3-expert-v0]' or a dataset directory.")
+    return load_trajectories(list(config.data.paths), return_scale=config.data.return_scale)
+
+
+def build_policy(config: TrainConfig, dataset: Any) -> nn.Module:
+    """A fresh DecisionTransformerPolicy for `dataset` (dims, normalisation, tasks, target returns)."""
+    import eva_rl
+    from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+
+    policy_config = PolicyConfig.from_preset(config.policy.preset, state_dim=int(dataset.state_dim),
+                                             act_dim=int(dataset.act_dim), **config.policy.overrides())
+    longest = int(dataset.timesteps.max()) + 1 if dataset.num_steps else 0
+    if longest > policy_config.max_ep_len:
+        raise ValueError(f"The data has episodes of {longest} steps but the policy's max_ep_len is "
+                         f"{policy_config.max_ep_len}. Set policy.max_ep_len={longest} (or more).")
+    metadata = PolicyMetadata(
+        state_mean=tuple(float(x) for x in dataset.state_mean),
+        state_std=tuple(float(x) for x in dataset.state_std),
+        return_scale=float(dataset.return_scale),
+        tasks=tuple(dataset.task_names),
+        target_returns={task: float(dataset.max_return(task)) for task in dataset.task_names},
+        obs_dims=tuple(int(d) for d in dataset.obs_dims),
+        act_dims=tuple(int(d) for d in dataset.act_dims),
+        version=eva_rl.__version__,
+    )
+    torch.manual_seed(config.seed)
+    return DecisionTransformerPolicy(policy_config, metadata)
+
+
+def _context_length(policy: nn.Module) -> int:
+    """K of a policy, also through PEFT wrappers (which forward attribute access to the base)."""
+    config = getattr(policy, "config", None)
+    if config is not None and hasattr(config, "context_length"):
+        return int(config.context_length)
+    base = getattr(policy, "base_model", None)
+    while base is not None and not hasattr(getattr(base, "config", None), "context_length"):
+        base = getattr(base, "model", None)
+    if base is None:
+        raise ValueError("Cannot find the policy's context_length: pass a DecisionTransformerPolicy "
+                         "(or a PEFT model wrapping one).")
+    return int(base.config.context_length)
+
+
+def _check_resume_config(saved: dict, current: dict) -> None:
+    ignored = {"resume", "progress"}
+    diffs = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if prefix or key not in ignored:
+                    walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}")
+
+    walk(saved, current, "")
+    if diffs:
+        raise ValueError("Cannot resume: the config differs from the one that wrote the checkpoint ("
+                         + "; ".join(diffs) + "). Resume with the same config, or start a new out_dir.")
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any = None,
+          on_step: Callable[[int], None] | None = None, run_info: RunInfo = RunInfo(),
+          on_end: Callable[[nn.Module], None] | None = None) -> TrainResult:
+    """Train `policy` on `dataset` offline for config.steps updates; write checkpoints, logs, metrics.json.
+
+    policy: a DecisionTransformerPolicy (or a PEFT model wrapping one) with `loss(batch) -> scalar`.
+        Only parameters with requires_grad are optimised: freeze what must not train before calling.
+        None: built from config.policy and the dataset's dims (seeded by config.seed).
+    dataset: a TrajectoryDataset (None: loaded from config.data). With data.val_fraction > 0 it is
+        split by whole episodes into train and validation parts.
+    on_step: called as on_step(step) after every optimizer update, step = updates done so far
+        (1..config.steps), with the gradients of that update still in place (AdaLoRA's
+        `update_and_allocate` needs them), before any checkpoint of that step. If it has
+        `state_dict()` / `load_state_dict(state)`, its state is checkpointed and restored too.
+    run_info: kind/task/method/rank/eva_seconds written into metrics.json.
+    on_end: called with the trained policy on rank 0 before metrics.json is written (save the
+        model or adapter there, so that metrics.json's presence means the run is complete).
+    """
+    ddp = _init_distributed("cuda" if config.device.startswith("cuda") or
+                            (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        return _train(config, policy, dataset, on_step, run_info, on_end, ddp)
+    finally:
+        if ddp.created:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step: Callable[[int], None] | None,
+           run_info: RunInfo, on_end: Callable[[nn.Module], None] | None, ddp: _Dist) -> TrainResult:
+    out_dir = Path(config.out_dir)
+    checkpoints = out_dir / "checkpoints"
+    device = resolve_device(config.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_precision(config.precision, device)
+    if dataset is None:
+        dataset = load_dataset(config)
+    if policy is None:
+        policy = build_policy(config, dataset)
+    found = find_checkpoint(checkpoints)
+    if found is not None and not config.resume:
+        raise FileExistsError(f"{str(out_dir)!r} already holds checkpoints of a run ({found.name}). "
+                              f"Pass --resume (resume=true) to continue it, or choose another out_dir.")
+    train_data, val_data = dataset.split(config.data.val_fraction, config.seed) if config.data.val_fraction > 0 \
+        else (dataset, None)
+    context = _context_length(policy)
+
+    policy.to(device).train()
+    trainable, total = count_parameters(policy)
+    if trainable == 0:
+        raise ValueError("No parameter of the policy has requires_grad=True: nothing to train.")
+    optimizer = torch.optim.AdamW(parameter_groups(policy, config.optim.weight_decay), lr=config.optim.lr,
+                                  betas=tuple(config.optim.betas), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, config.optim.warmup_steps, config.steps, config.optim.min_lr_ratio))
+    generator = np.random.default_rng([config.seed, ddp.rank])
+    torch.manual_seed(config.seed + ddp.rank)
+    history: dict[str, Any] = {"train_loss": [], "val_action_error": [], "eval": [], "train_seconds": 0.0}
+    step = 0
+
+    config_dict = json.loads(json.dumps(config_to_dict(config)))  # as stored in meta.json (tuples -> lists)
+    if found is not None:
+        trainer_state, meta = load_checkpoint(found, policy)
+        _check_resume_config(meta["config"], config_dict)
+        if meta["world_size"] != ddp.world_size:
+            raise ValueError(f"Cannot resume {found}: it was written by {meta['world_size']} processes, "
+                             f"now {ddp.world_size}. Resume with the same --nproc_per_node.")
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        _set_rng_state(trainer_state["rng"][ddp.rank], generator, device)
+        if hasattr(on_step, "load_state_dict") and "hook" in trainer_state:
+            on_step.load_state_dict(trainer_state["hook"])
+        step = int(meta["step"])
+        history = meta["history"]
+        log.info("Resuming from %s (step %d of %d).", found, step, config.steps)
+
+    log.info("Trainable parameters: %d of %d (%.2f%%); device %s, precision %s, %d process(es).",
+             trainable, total, 100.0 * trainable / total, device, dtype or "fp32", ddp.world_size)
+    model: nn.Module = _LossModule(policy)
+    if ddp.world_size > 1:
+        # Unused heads (state/return prediction) get no gradient from the action loss.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
+    if config.compile:
+        model = torch.compile(model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    val_batches = []
+    if val_data is not None:
+        val_generator = np.random.default_rng([config.seed, 1 << 20])
+        val_batches = [val_data.sample(config.batch_size, context, generator=val_generator)
+                       for _ in range(config.val_batches)]
+    eval_tasks = config.eval_tasks or tuple(dataset.task_names)
+    writer = bar = None
+    if ddp.main:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step if step else None)
+        writer.add_scalar("params/trainable", trainable, step)
+        writer.add_scalar("params/total", total, step)
+        bar = tqdm(total=config.steps, initial=step, disable=not config.progress, dynamic_ncols=True,
+                   desc=run_info.kind)
+
+    def measure(at: int) -> None:
+        """Validation and evaluation at update `at` (rank 0), then every rank waits for it."""
+        if ddp.main:
+            last = at == config.steps
+            if val_batches and ((config.val_every and at % config.val_every == 0) or last):
+                error = validation_action_error(policy, val_batches, device, dtype)
+                history["val_action_error"].append([at, error])
+                writer.add_scalar("val/action_error", error, at)
+            if (config.eval_every and (at % config.eval_every == 0 or last)) or (at == 0 and config.eval_at_start):
+                entry = _eval_entry(_evaluate(policy, config, eval_tasks), at)
+                history["eval"].append(entry)
+                for key in ("success_rate", "return_mean"):
+                    writer.add_scalar(f"eval/{key}", entry[key], at)
+                bar.set_postfix(loss=_last(history["train_loss"]), success=entry["success_rate"], refresh=False)
+        _barrier(ddp)
+
+    if step == 0 and (config.eval_at_start or config.steps == 0):
+        measure(0)
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_start, grad_norm = 0, time.perf_counter(), torch.zeros(())
+    while step < config.steps:
+        batch = _to_device(train_data.sample(config.batch_size, context, generator=generator,
+                                             balance_tasks=config.data.balance_tasks), device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            loss = model(batch)  # masked action MSE, averaged over real steps
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach().float()
+        window_steps += 1
+        if on_step is not None:
+            on_step(step)
+        if step % config.log_every == 0 or step == config.steps:
+            seconds = time.perf_counter() - window_start
+            history["train_seconds"] += seconds
+            mean_loss = float(_all_mean(loss_sum, ddp)) / window_steps
+            if not math.isfinite(mean_loss):
+                raise ValueError(f"Training loss became {mean_loss} at update {step}. Lower optim.lr, "
+                                 f"keep optim.grad_clip on, or check the dataset for NaN/inf values.")
+            history["train_loss"].append([step, mean_loss])
+            if ddp.main:
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                writer.add_scalar("train/updates_per_second", window_steps / seconds, step)
+                bar.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+                bar.update(window_steps)
+            loss_sum.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
+        if _measures_at(config, step, bool(val_batches)):
+            measure(step)
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+            _checkpoint(checkpoints, step, policy, optimizer, scheduler, generator, device, on_step,
+                        history, config_dict, config.keep_checkpoints, ddp)
+        window_start += time.perf_counter() - paused
+
+    metrics = _metrics(config, run_info, trainable, total, history)
+    if ddp.main:
+        bar.close()
+        writer.flush()
+        writer.close()
+        if on_end is not None:
+            on_end(policy)
+        write_metrics(out_dir / "metrics.json", metrics)
+    _barrier(ddp)
+    return TrainResult(policy=policy, metrics=metrics, out_dir=out_dir, steps=step)
+
+
+def _measures_at(config: TrainConfig, step: int, has_val: bool) -> bool:
+    if step == config.steps:
+        return True
+    evaluates = config.eval_every and step % config.eval_every == 0
+    validates = has_val and config.val_every and step % config.val_every == 0
+    return bool(evaluates or validates)
+
+
+def _checkpoint(checkpoints: Path, step: int, policy: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any, generator: np.random.Generator, device: torch.device, on_step: Any,
+                history: dict, config_dict: dict, keep: int, ddp: _Dist) -> None:
+    rng = _gather(_rng_state(generator, device), ddp)  # every rank's sampler and dropout state
+    if ddp.main:
+        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        if hasattr(on_step, "state_dict"):
+            trainer_state["hook"] = on_step.state_dict()
+        meta = {"history": history, "config": config_dict, "world_size": ddp.world_size}
+        save_checkpoint(checkpoints, step, policy, trainer_state, meta, keep)
+    _barrier(ddp)
+
+
+def _all_mean(value: torch.Tensor, ddp: _Dist) -> torch.Tensor:
+    if ddp.world_size == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / ddp.world_size
+
+
+def _barrier(ddp: _Dist) -> None:
+    if ddp.world_size > 1:
+        dist.barrier()
+
+
+def _last(points: list) -> float | None:
+    return points[-1][1] if points else None
+
+
+def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int, history: dict) -> dict:
+    """metrics.json content, in the contract's format."""
+    final_eval = history["eval"][-1] if history["eval"] and history["eval"][-1]["step"] == config.steps else {}
+    return {
+        "kind": run_info.kind, "task": run_info.task, "method": run_info.method, "rank": run_info.rank,
+        "seed": config.seed, "trainable_params": trainable, "total_params": total,
+        "train_seconds": float(history["train_seconds"]), "eva_seconds": run_info.eva_seconds,
+        "train_loss": history["train_loss"], "val_action_error": history["val_action_error"],
+        "eval": history["eval"],
+        "final": {key: final_eval.get(key) for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
+        | {"train_loss": _last(history["train_loss"]), "val_action_error": _last(history["val_action_error"])},
+    }
+
+
+# --- pretraining -------------------------------------------------------------------------------
+
+def pretrain(config: TrainConfig) -> TrainResult:
+    """Pretrain a DT on config.data: writes config.yaml, tb/, checkpoints/, model/, metrics.json in out_dir."""
+    out_dir = Path(config.out_dir)
+    dataset = load_dataset(config)
+    policy = build_policy(config, dataset)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(config, out_dir / "config.yaml")
+    return train(config, policy=policy, dataset=dataset, run_info=RunInfo(kind="pretrain"),
+                 on_end=lambda trained: trained.save_pretrained(out_dir / "model"))
