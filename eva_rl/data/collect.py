@@ -103,13 +103,25 @@ def datasets_root(out: str | os.PathLike | None = None) -> Path:
 
 
 def _sb3_algorithm(path: Path) -> str:
-    """The SB3 algorithm that saved `path`, read from the module of its policy class."""
-    with zipfile.ZipFile(path) as archive:
-        data = json.loads(archive.read("data"))
+    """The SB3 algorithm that saved `path`, read from its saved attributes.
+
+    Off-policy algorithms keep their policies in their own module (sac, td3, dqn; DDPG reuses
+    TD3's and loads as TD3 for prediction); PPO and A2C share ActorCriticPolicy, so they are told
+    apart by PPO's clipping range.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = json.loads(archive.read("data"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a Stable-Baselines3 model file ({exc}). Give the .zip written by model.save().") from None
     module = data.get("policy_class", {}).get("__module__", "")
-    for name in SB3_ALGORITHMS:
+    for name in ("sac", "td3", "dqn"):
         if f".{name}." in f".{module}.":
             return name
+    if "clip_range" in data:
+        return "ppo"
+    if "gae_lambda" in data:
+        return "a2c"
     raise ValueError(
         f"Cannot tell which SB3 algorithm saved {path} (policy module {module!r}). "
         f"Name it: --policy sb3:{path}:ALGO with ALGO one of {SB3_ALGORITHMS}."
@@ -158,14 +170,17 @@ def behaviour_policy(policy: str, task: str, action_space: gym.spaces.Box, noise
     return noisy
 
 
-def collect_episodes(task: str, config: CollectConfig) -> list[dict[str, np.ndarray]]:
+def collect_episodes(task: str, config: CollectConfig, env: gym.Env | None = None) -> list[dict[str, np.ndarray]]:
     """Roll out the behaviour policy for `config.episodes` episodes of `task`.
+
+    `env` (optional) is a fresh `make_env(task, config.seed, horizon=config.horizon)`, for callers
+    that also need its spaces (building a Meta-World env costs a second).
 
     Each episode: observations (T+1, obs_dim) float32 (the last one after the final step),
     actions (T, act_dim) float32, rewards (T,) float64, terminations (T,) bool, truncations (T,) bool,
     success (T+1,) bool (index 0 is the reset, always False).
     """
-    env = make_env(task, config.seed, horizon=config.horizon)
+    env = env if env is not None else make_env(task, config.seed, horizon=config.horizon)
     act = behaviour_policy(config.policy, task, env.action_space, config.noise, config.seed)
     episodes = []
     for _ in range(config.episodes):
@@ -182,7 +197,7 @@ def collect_episodes(task: str, config: CollectConfig) -> list[dict[str, np.ndar
             success.append(info["success"])
             if terminated or truncated:
                 break
-        episodes.append({
+        episodes.append({  # one episode, in the shapes of the docstring
             "observations": np.asarray(observations, dtype=np.float32),
             "actions": np.asarray(actions, dtype=np.float32),
             "rewards": np.asarray(rewards, dtype=np.float64),
@@ -258,8 +273,9 @@ def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
         raise FileExistsError(
             f"Dataset {str(root / name)!r} already exists. Pass --overwrite to replace it, or use another --out."
         )
+    env = make_env(task, config.seed, horizon=config.horizon)
     start = time.perf_counter()
-    episodes = collect_episodes(task, config)
+    episodes = collect_episodes(task, config, env)
     seconds = time.perf_counter() - start
     returns = np.array([ep["rewards"].sum() for ep in episodes])
     success = np.array([ep["success"].any() for ep in episodes])
@@ -270,11 +286,9 @@ def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
         "eva_rl_horizon": int(config.horizon or spec.horizon),
         "eva_rl_mean_return": float(returns.mean()), "eva_rl_success_rate": float(success.mean()),
     }
-    env = make_env(task, config.seed, horizon=config.horizon)
     path = write_dataset(episodes, name, root, env.observation_space, env.action_space, metadata,
                          overwrite=config.overwrite, ref_min_score=spec.ref_min_score,
                          ref_max_score=spec.ref_max_score)
-    env.close()
     return DatasetSummary(task=task, dataset_id=name, path=path, episodes=len(episodes), steps=steps,
                           mean_return=float(returns.mean()), success_rate=float(success.mean()), seconds=seconds)
 

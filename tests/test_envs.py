@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+
+from eva_rl.envs import (TaskSpec, expert_policy, load_suites, make_env, make_vector_env, resolve_tasks,
+                         task_spec)
+
+CW10 = ["hammer-v3", "push-wall-v3", "faucet-close-v3", "push-back-v3", "stick-pull-v3",
+        "handle-press-side-v3", "push-v3", "shelf-place-v3", "window-close-v3", "peg-unplug-side-v3"]
+
+
+def test_suites_have_the_documented_tasks():
+    suites = load_suites()
+    assert list(resolve_tasks("cw10")) == CW10
+    assert len(resolve_tasks("mt50")) == 50
+    mt40 = resolve_tasks("mt40")
+    assert len(mt40) == 40 and not set(mt40) & set(CW10)
+    assert set(mt40) | set(CW10) == set(resolve_tasks("mt50"))
+    assert len(resolve_tasks("mt10")) == 10
+    assert resolve_tasks("mujoco") == ["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"]
+    assert suites["classic"].tasks[0].success == "return>=-200"
+    assert task_spec("hammer-v3").horizon == 200 and task_spec("hammer-v3").expert == "metaworld"
+    assert task_spec("hammer-v3").terminate_on_success is False
+
+
+def test_resolve_keeps_order_and_drops_repeats():
+    assert resolve_tasks(["reach-v3", "cw10", "hammer-v3"])[:3] == ["reach-v3", "hammer-v3", "push-wall-v3"]
+    assert len(resolve_tasks(["cw10", "hammer-v3"])) == 10
+
+
+def test_unknown_task_lists_close_matches():
+    with pytest.raises(ValueError, match="hammer-v3.*Suites: .*cw10"):
+        resolve_tasks("hamer-v3")
+    with pytest.raises(ValueError, match="No tasks"):
+        resolve_tasks([])
+
+
+def test_task_spec_validation():
+    with pytest.raises(ValueError, match="at most 500"):
+        TaskSpec(name="reach-v3", family="metaworld", horizon=600)
+    with pytest.raises(ValueError, match="success rule"):
+        TaskSpec(name="x", family="classic", horizon=10, success="return>x")
+    with pytest.raises(ValueError, match="at most 500"):
+        make_env("reach-v3", 0, horizon=501)
+
+
+@pytest.mark.parametrize("task", ["reach-v3", "Pendulum-v1", "Hopper-v5"])
+def test_seeding_is_deterministic(task):
+    a, b, c = make_env(task, 3), make_env(task, 3), make_env(task, 4)
+    firsts_a = [a.reset()[0] for _ in range(3)]
+    firsts_b = [b.reset()[0] for _ in range(3)]
+    first_c = c.reset()[0]
+    for x, y in zip(firsts_a, firsts_b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.allclose(firsts_a[0], first_c)
+    assert not np.allclose(firsts_a[0], firsts_a[1])  # successive resets move on
+    assert firsts_a[0].dtype == np.float32 and a.observation_space.dtype == np.float32
+
+
+def test_metaworld_goal_depends_on_seed_and_steps_are_identical():
+    a, b = make_env("push-v3", 0), make_env("push-v3", 0)
+    oa, ob = a.reset()[0], b.reset()[0]
+    action = np.array([0.3, -0.2, 0.1, 0.5], dtype=np.float32)
+    for _ in range(5):
+        oa, ra, *_ = a.step(action)
+        ob, rb, *_ = b.step(action)
+    np.testing.assert_array_equal(oa, ob)
+    assert ra == rb
+    goals = {tuple(np.round(make_env("push-v3", s).reset()[0][-3:], 5)) for s in range(4)}
+    assert len(goals) == 4
+
+
+def test_horizon_and_success_key():
+    env = make_env("reach-v3", 0, horizon=120)
+    _, info = env.reset()
+    assert info["success"] is False
+    act = expert_policy("reach-v3")
+    obs, steps, ever = env.reset()[0], 0, False
+    while True:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        steps += 1
+        assert isinstance(info["success"], bool)
+        ever |= info["success"]
+        if terminated or truncated:
+            break
+    assert steps == 120 and truncated and not terminated  # success does not end the episode
+    assert ever  # the reach expert succeeds within ~75 steps on seed 0
+
+
+def test_terminate_on_success_is_explicit():
+    act = expert_policy("reach-v3")
+    env = make_env("reach-v3", 0, terminate_on_success=True)
+    obs, steps = env.reset()[0], 0
+    while True:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        steps += 1
+        if terminated or truncated:
+            break
+    assert terminated and info["success"] and steps < 200
+
+
+def test_return_threshold_success_is_read_at_the_end():
+    env = make_env("Pendulum-v1", 0, horizon=5)
+    env.reset()
+    flags = [env.step(np.zeros(1, dtype=np.float32))[4]["success"] for _ in range(5)]
+    assert flags[:4] == [False] * 4  # only the last step can report it
+    # 5 steps cost at most 5 * 16.3 < 200, so the return is above -200: a success at the last step.
+    assert flags[4] is True
+
+
+def test_survive_success_on_truncation():
+    env = make_env("Hopper-v5", 0, horizon=3)
+    env.reset()
+    for _ in range(3):
+        _, _, terminated, truncated, info = env.step(np.zeros(3, dtype=np.float32))
+    assert truncated and not terminated and info["success"] is True
+
+
+def test_vector_env_seeds_each_env():
+    vec = make_vector_env(["reach-v3"], 2, seed=5)
+    obs, _ = vec.reset()
+    assert obs.shape == (2, 39) and obs.dtype == np.float32
+    np.testing.assert_array_equal(obs[1], make_env("reach-v3", 6).reset()[0])
+    vec.close()
+    with pytest.raises(ValueError, match="num_envs"):
+        make_vector_env(["reach-v3"], 0, seed=0)
+
+
+def test_expert_only_where_one_exists():
+    with pytest.raises(ValueError, match="sb3:PATH"):
+        expert_policy("Hopper-v5")
