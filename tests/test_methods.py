@@ -1,0 +1,217 @@
+"""Fine-tuning methods on the DT's Conv1D layers: step-0 identity, inits, save/load/merge, AdaLoRA."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+from eva_rl.adapters import methods
+from eva_rl.adapters.methods import METHODS, apply_method, resolve_target_modules
+
+STATE, ACT, B, K = 5, 3, 4, 6
+
+
+def tiny_model(seed: int = 0) -> DecisionTransformerModel:
+    torch.manual_seed(seed)
+    config = DecisionTransformerConfig(state_dim=STATE, act_dim=ACT, hidden_size=16, n_layer=2, n_head=2,
+                                       max_ep_len=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = DecisionTransformerModel(config)
+    with torch.no_grad():  # weights well away from GPT-2's 0.02-std init so that errors show
+        for name, p in model.named_parameters():
+            if "encoder.h." in name and p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def make_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, K, dtype=torch.long)
+    mask[0, :2] = 0
+    return dict(states=torch.randn(B, K, STATE, generator=g), actions=torch.randn(B, K, ACT, generator=g),
+                rewards=torch.randn(B, K, 1, generator=g), returns_to_go=torch.randn(B, K, 1, generator=g),
+                timesteps=torch.randint(0, 64, (B, K), generator=g), attention_mask=mask)
+
+
+def actions_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch, return_dict=False)[1]
+
+
+def random_eva_weights(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in resolve_target_modules(model):
+        width = methods.layer_features(model, name)[0]
+        out[name] = torch.linalg.qr(torch.randn(width, rank))[0].T.contiguous()
+    return out
+
+
+def adapted(method: str, rank: int = 4, seed: int = 0, **kw) -> torch.nn.Module:
+    model = tiny_model(seed)
+    if method.startswith("eva"):
+        kw.setdefault("eva_weights", random_eva_weights(model, rank))
+    return apply_method(model, method, rank=rank, alpha=2.0 * rank, **kw)
+
+
+@torch.no_grad()
+def perturb_adapter(model: torch.nn.Module) -> None:
+    """Stand-in for training: move every trainable adapter tensor."""
+    g = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_step_zero_leaves_actions_unchanged(method: str) -> None:
+    batch = make_batch()
+    reference = actions_of(tiny_model(), batch)
+    model = adapted(method)
+    assert torch.allclose(actions_of(model, batch), reference, atol=1e-5)
+    info = methods.adapter_info(model)
+    assert info.trainable_params == methods.count_parameters(model)[0] > 0
+
+
+def test_trainable_parameter_counts() -> None:
+    counts = {m: methods.adapter_info(adapted(m)).trainable_params for m in ("fft", "lora", "dora", "eva", "pissa")}
+    model = tiny_model()
+    lora = sum(4 * sum(methods.layer_features(model, n)) for n in resolve_target_modules(model))
+    assert counts["lora"] == counts["eva"] == counts["pissa"] == lora
+    # DoRA adds one magnitude per output feature
+    assert counts["dora"] == lora + sum(methods.layer_features(model, n)[1] for n in resolve_target_modules(model))
+    assert counts["fft"] == sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def test_pissa_on_conv1d_takes_the_top_singular_triplets() -> None:
+    base = tiny_model()
+    model = adapted("pissa")
+    layer = model.base_model.model.encoder.h[0].mlp.c_fc
+    w = base.encoder.h[0].mlp.c_fc.weight.T  # (out, in), nn.Linear layout
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert torch.allclose(delta, (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5)
+    assert torch.allclose(layer.base_layer.weight.T + delta, w, atol=1e-5)
+
+
+@torch.no_grad()
+def test_olora_on_conv1d_is_the_qr_of_the_linear_layout_weight() -> None:
+    base = tiny_model()
+    model = adapted("olora")
+    for block in (0, 1):
+        for name in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"):
+            layer = model.base_model.model.encoder.h[block].get_submodule(name)
+            w = base.encoder.h[block].get_submodule(name).weight.T  # (out, in)
+            b, a = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+            assert b.shape == (w.shape[0], 4) and a.shape == (4, w.shape[1])
+            assert torch.allclose(b.T @ b, torch.eye(4), atol=1e-5)  # Q's columns
+            q, r = torch.linalg.qr(w)
+            assert torch.allclose((b @ a).abs(), (q[:, :4] @ r[:4]).abs(), atol=1e-5)
+            assert torch.allclose(layer.base_layer.weight.T + layer.scaling["default"] * b @ a, w, atol=1e-5)
+
+
+def test_peft_olora_alone_is_wrong_on_conv1d() -> None:
+    """Why olora has its own init: PEFT takes the QR of the (in, out) Conv1D weight, so lora_B gets
+    in_features rows instead of out_features and the forward fails."""
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["c_fc"], init_lora_weights="olora"))
+    assert model.base_model.model.encoder.h[0].mlp.c_fc.lora_B["default"].weight.shape == (16, 4)  # not (64, 4)
+    with pytest.raises(RuntimeError):
+        actions_of(model, make_batch())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "olora", "eva", "adalora"])
+def test_saved_adapter_loads_with_peft_and_merges_to_the_same_outputs(method: str, tmp_path) -> None:
+    batch = make_batch()
+    model = adapted(method)
+    perturb_adapter(model)
+    model.eval()
+    expected = actions_of(model, batch)
+    assert not torch.allclose(expected, actions_of(tiny_model(), batch), atol=1e-4)  # the adapter does something
+
+    methods.save_adapter(model, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()
+    assert torch.allclose(actions_of(loaded, batch), expected, atol=1e-5)
+
+    methods.save_merged(model, tmp_path / "merged")
+    merged = DecisionTransformerModel.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged.encoder.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert torch.allclose(actions_of(merged, batch), expected, atol=1e-5)
+    assert isinstance(model, PeftModel)  # merging worked on a copy
+
+
+def test_eva_ranks_and_alpha_follow_the_given_components() -> None:
+    model = tiny_model()
+    weights = random_eva_weights(model, 4)
+    names = list(weights)
+    weights[names[0]] = weights[names[0]][:2]  # redistributed: 2, 6, 0, 4, ...
+    weights[names[1]] = torch.linalg.qr(torch.randn(16, 6))[0].T
+    weights[names[2]] = weights[names[2]][:0]
+    peft_model = apply_method(model, "eva", rank=4, alpha=8.0, eva_weights=weights)
+    info = methods.adapter_info(peft_model)
+    assert info.ranks[names[0]] == 2 and info.ranks[names[1]] == 6 and info.ranks[names[2]] == 0
+    layer0 = peft_model.base_model.model.get_submodule(names[0])
+    assert layer0.scaling["default"] == pytest.approx(2.0)  # alpha / r kept at 8 / 4
+    assert torch.allclose(layer0.lora_A["default"].weight, weights[names[0]])
+    assert not hasattr(peft_model.base_model.model.get_submodule(names[2]), "lora_A")  # rank 0: no adapter
+
+
+def test_adalora_ranks_shrink_when_the_loop_calls_the_step_hook() -> None:
+    steps = 30
+    model = adapted("adalora", rank=2, total_steps=steps)
+    model.train()
+    hook = methods.step_hook(model)
+    assert hook is not None and methods.step_hook(adapted("lora")) is None
+    start = sum(methods.adalora_ranks(model).values())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = make_batch()
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss = actions_of(model, batch).square().mean() + methods.regularization_loss(model)
+        loss.backward()
+        optimizer.step()
+        hook(step)  # gradients still in place, as train.py calls it
+    ranks = methods.adalora_ranks(model)
+    assert start == 3 * len(ranks)  # init_r = 1.5 r
+    assert sum(ranks.values()) == 2 * len(ranks) < start  # pruned to the target budget
+
+
+def test_hook_state_round_trips() -> None:
+    model = adapted("adalora", rank=2, total_steps=10)
+    hook = methods.step_hook(model)
+    state = hook.state_dict()
+    hook.load_state_dict(state)
+
+
+def test_bad_input_is_reported_before_any_work() -> None:
+    with pytest.raises(ValueError, match="Known methods: fft, lora, dora, pissa, olora, adalora, eva, eva_dora"):
+        apply_method(tiny_model(), "qlora")
+    with pytest.raises(ValueError, match="rank 17 is above the width"):
+        apply_method(tiny_model(), "lora", rank=17)
+    with pytest.raises(ValueError, match="matches no Linear/Conv1D"):
+        apply_method(tiny_model(), "lora", target_modules=("q_proj",))
+    with pytest.raises(ValueError, match="eva_state_dict"):
+        apply_method(tiny_model(), "eva")
+
+
+def test_policy_keeps_working_with_adapters(tmp_path) -> None:
+    policy_mod = pytest.importorskip("eva_rl.policy")
+    config = policy_mod.PolicyConfig.from_preset("tiny", state_dim=STATE, act_dim=ACT, max_ep_len=64, dropout=0.0)
+    metadata = policy_mod.PolicyMetadata(state_mean=[0.0] * STATE, state_std=[1.0] * STATE, tasks=("t",),
+                                         obs_dims=(STATE,), act_dims=(ACT,))
+    policy = policy_mod.DecisionTransformerPolicy(config, metadata).eval()
+    batch = {**make_batch(), "task_ids": torch.zeros(B, dtype=torch.long)}
+    before = policy(batch)
+    same = apply_method(policy, "lora", rank=2)
+    assert same is policy and isinstance(policy.model, PeftModel)
+    assert torch.allclose(policy(batch), before, atol=1e-6)
+    assert methods.adapter_info(policy).trainable_params == methods.count_parameters(policy)[0]
+    perturb_adapter(policy)
+    methods.save_merged(policy, tmp_path / "merged")
+    loaded = policy_mod.DecisionTransformerPolicy.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(loaded(batch), policy(batch), atol=1e-5)
