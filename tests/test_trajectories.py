@@ -188,12 +188,14 @@ def test_states_are_normalised_with_dataset_statistics():
 
 def test_with_normalization_shares_arrays_and_checks_width():
     data = TrajectoryDataset.from_episodes([make_episode(4, 2)], "a")
+    before = data.sample(1, 1, generator=FixedStarts([3]))  # builds data's sampling tables
     other = data.with_normalization(np.array([1.0, 2.0]), np.array([2.0, 4.0]), return_scale=5.0)
     assert other.observations is data.observations and other.return_scale == 5.0
     batch = other.sample(1, 1, generator=FixedStarts([3]))
     np.testing.assert_allclose(batch["states"][0, 0].numpy(), [(3 - 1) / 2, (30 - 2) / 4])
     np.testing.assert_allclose(batch["returns_to_go"][0, 0, 0].item(), 4 / 5)
     assert data.return_scale == 1000.0  # the original is untouched
+    assert torch.equal(data.sample(1, 1, generator=FixedStarts([3]))["states"], before["states"])
     with pytest.raises(ValueError, match=r"state_mean has shape \(3,\), expected \(2,\)"):
         data.with_normalization(np.zeros(3), np.ones(2))
     with pytest.raises(ValueError, match=r"state_std has shape \(1,\), expected \(2,\)"):

@@ -212,7 +212,7 @@ class TrajectoryDataset:
         self.act_dims = tuple(int(d) for d in act_dims)
 
         self.episode_starts = np.concatenate(([0], np.cumsum(self.episode_lengths)[:-1])).astype(np.int64)
-        # int32 halves the gather in sample(); 2**31 steps is far beyond what fits in memory anyway
+        # int32: 4 bytes per step instead of 8; 2**31 steps would not fit in memory anyway
         self._step_episode = np.repeat(np.arange(self.num_episodes, dtype=np.int32), self.episode_lengths)
         self.timesteps = np.arange(self.num_steps, dtype=np.int64) - self.episode_starts[self._step_episode]
         self.returns_to_go, self.episode_returns = _returns_to_go(self.rewards, self.episode_starts, self._step_episode)
@@ -289,7 +289,7 @@ class TrajectoryDataset:
         val_mask = np.zeros(self.num_episodes, dtype=bool)
         for task in range(len(self.task_names)):
             episodes = rng.permutation(np.flatnonzero(self.episode_tasks == task))
-            n_val = min(int(round(val_fraction * len(episodes))), len(episodes) - 1)
+            n_val = min(int(round(val_fraction * len(episodes))), max(len(episodes) - 1, 0))
             val_mask[episodes[:n_val]] = True
         if not val_mask.any():
             raise ValueError(
@@ -406,7 +406,8 @@ class TrajectoryDataset:
         int64, attention_mask (B, K) int64 (1 = real step, 0 = left padding; padded rows are 0
         everywhere), task_ids (B,) int64. Start steps are uniform over all steps, or, with
         balance_tasks, uniform over a task drawn uniformly first. generator None uses the
-        dataset's own generator (seeded 0 at construction).
+        dataset's own generator (seeded 0 at construction). The first call builds the sampling
+        tables: about one more copy of the observations in memory.
         """
         if not isinstance(context, (int, np.integer)) or context < 1:
             raise ValueError(f"context (K) must be an integer >= 1, got {context!r}. Fix: e.g. 20.")
