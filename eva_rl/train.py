@@ -446,6 +446,14 @@ def validation_action_error(policy: nn.Module, batches: list[dict[str, torch.Ten
         policy.train(was_training)
 
 
+def _with_action_mask(batch: dict[str, torch.Tensor], dataset: Any) -> dict[str, torch.Tensor]:
+    """Add "action_mask" (B, act_dim): 1 on each window's task's true action dims, from the dataset's
+    own task list (a fine-tuning dataset's task ids need not match the pretrained policy's)."""
+    widths = torch.as_tensor(dataset.act_dims)[batch["task_ids"]]  # (B,)
+    batch["action_mask"] = (torch.arange(dataset.act_dim) < widths[:, None]).float()
+    return batch
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cpu":
         return batch
@@ -466,7 +474,6 @@ def load_dataset(config: TrainConfig) -> Any:
 
 def build_policy(config: TrainConfig, dataset: Any) -> nn.Module:
     """A fresh DecisionTransformerPolicy for `dataset` (dims, normalisation, tasks, target returns)."""
-    import eva_rl
     from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
 
     policy_config = PolicyConfig.from_preset(config.policy.preset, state_dim=int(dataset.state_dim),
@@ -475,16 +482,7 @@ def build_policy(config: TrainConfig, dataset: Any) -> nn.Module:
     if longest > policy_config.max_ep_len:
         raise ValueError(f"The data has episodes of {longest} steps but the policy's max_ep_len is "
                          f"{policy_config.max_ep_len}. Set policy.max_ep_len={longest} (or more).")
-    metadata = PolicyMetadata(
-        state_mean=tuple(float(x) for x in dataset.state_mean),
-        state_std=tuple(float(x) for x in dataset.state_std),
-        return_scale=float(dataset.return_scale),
-        tasks=tuple(dataset.task_names),
-        target_returns={task: float(dataset.max_return(task)) for task in dataset.task_names},
-        obs_dims=tuple(int(d) for d in dataset.obs_dims),
-        act_dims=tuple(int(d) for d in dataset.act_dims),
-        version=eva_rl.__version__,
-    )
+    metadata = PolicyMetadata.from_dataset(dataset)  # normalisation, tasks, widths, target = best return
     torch.manual_seed(config.seed)
     return DecisionTransformerPolicy(policy_config, metadata)
 
@@ -613,7 +611,7 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     val_batches = []
     if val_data is not None:
         val_generator = np.random.default_rng([config.seed, 1 << 20])
-        val_batches = [val_data.sample(config.batch_size, context, generator=val_generator)
+        val_batches = [_with_action_mask(val_data.sample(config.batch_size, context, generator=val_generator), val_data)
                        for _ in range(config.val_batches)]
     eval_tasks = config.eval_tasks or tuple(dataset.task_names)
     writer = bar = None
@@ -648,8 +646,9 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start, grad_norm = 0, time.perf_counter(), torch.zeros(())
     while step < config.steps:
-        batch = _to_device(train_data.sample(config.batch_size, context, generator=generator,
-                                             balance_tasks=config.data.balance_tasks), device)
+        batch = _to_device(_with_action_mask(train_data.sample(
+            config.batch_size, context, generator=generator, balance_tasks=config.data.balance_tasks),
+            train_data), device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
             loss = model(batch)  # masked action MSE, averaged over real steps
