@@ -1,0 +1,288 @@
+"""DecisionTransformerPolicy: config, metadata, checkpoints, loss, and incremental acting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import DecisionTransformerModel
+
+from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+
+STATE_DIM, ACT_DIM = 6, 3
+
+
+def make_metadata(**overrides) -> PolicyMetadata:
+    rng = np.random.default_rng(1)
+    kwargs = dict(
+        state_mean=rng.standard_normal(STATE_DIM), state_std=rng.random(STATE_DIM) + 0.5, return_scale=10.0,
+        tasks=("wide", "narrow"), target_returns={"wide": 5.0, "narrow": 2.0}, obs_dims=(6, 4), act_dims=(3, 2),
+    )
+    kwargs.update(overrides)
+    return PolicyMetadata(**kwargs)
+
+
+def make_policy(n_layer: int = 1, **overrides) -> DecisionTransformerPolicy:
+    torch.manual_seed(0)
+    config = PolicyConfig.from_preset("tiny", state_dim=STATE_DIM, act_dim=ACT_DIM, n_layer=n_layer,
+                                      max_ep_len=12, **overrides)
+    return DecisionTransformerPolicy(config, make_metadata()).eval()
+
+
+def make_batch(batch_size: int = 4, context: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch_size, context, dtype=torch.long)
+    mask[0, :2] = 0  # left padding, as the sampler makes at episode starts
+    return {
+        "states": torch.randn(batch_size, context, STATE_DIM, generator=g),
+        "actions": torch.rand(batch_size, context, ACT_DIM, generator=g) * 2 - 1,
+        "rewards": torch.randn(batch_size, context, 1, generator=g),
+        "returns_to_go": torch.randn(batch_size, context, 1, generator=g),
+        "timesteps": torch.arange(context).repeat(batch_size, 1) + 3,
+        "attention_mask": mask,
+        "task_ids": torch.tensor([0, 1, 0, 1][:batch_size]),
+    }
+
+
+# -- config and metadata ------------------------------------------------------------------------
+
+def test_presets_match_the_issue():
+    tiny = PolicyConfig.from_preset("tiny", state_dim=3, act_dim=1)
+    small = PolicyConfig.from_preset("small", state_dim=3, act_dim=1)
+    paper = PolicyConfig.from_preset("paper", state_dim=39, act_dim=4)
+    assert (tiny.hidden_size, tiny.n_layer, tiny.n_head, tiny.context_length) == (32, 1, 2, 5)
+    assert (small.hidden_size, small.n_layer, small.n_head, small.context_length) == (128, 3, 4, 20)
+    assert (paper.hidden_size, paper.n_layer, paper.n_head, paper.context_length, paper.dropout) == (512, 4, 8, 50, 0.2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hidden_size=30, n_head=4), "divisible by n_head"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(context_length=0), "context_length"),
+    (dict(activation="swishy"), "activation"),
+])
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyConfig(state_dim=3, act_dim=1, **kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown policy preset 'huge'"):
+        PolicyConfig.from_preset("huge", state_dim=3, act_dim=1)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(state_std=np.ones(5)), "same length"),
+    (dict(state_std=np.zeros(STATE_DIM)), "> 0"),
+    (dict(act_dims=(3,)), "act_dims has 1 entries but tasks has 2"),
+    (dict(return_scale=0.0), "return_scale"),
+    (dict(obs_dims=(7, 4)), "exceed the state width"),
+])
+def test_metadata_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_metadata(**overrides)
+
+
+def test_metadata_json_round_trip():
+    meta = make_metadata()
+    assert PolicyMetadata.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
+
+
+def test_policy_rejects_mismatched_metadata():
+    config = PolicyConfig.from_preset("tiny", state_dim=STATE_DIM + 1, act_dim=ACT_DIM)
+    with pytest.raises(ValueError, match=r"6-dim states .* state_dim=7"):
+        DecisionTransformerPolicy(config, make_metadata())
+
+
+# -- loss ----------------------------------------------------------------------------------------
+
+def test_loss_ignores_padding_steps_and_unused_action_dims():
+    policy = make_policy()
+    batch = make_batch()
+    loss = policy.loss(batch)
+    pred = policy(batch).detach()
+    mask = batch["attention_mask"][..., None].float() * torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]])[:, None]
+    expected = ((pred - batch["actions"]) ** 2 * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss.detach(), expected)
+    # targets where the mask is 0 do not matter
+    changed = dict(batch, actions=batch["actions"].clone())
+    changed["actions"][0, :2] = 9.0  # padding steps
+    changed["actions"][1, :, 2] = 9.0  # task 1 has 2 action dims
+    torch.testing.assert_close(policy.loss(changed), loss)
+    loss.backward()
+    assert policy.model.predict_action[0].weight.grad.abs().sum() > 0
+
+
+def test_loss_rejects_unknown_task_ids():
+    batch = dict(make_batch(), task_ids=torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="task_ids go up to 2"):
+        make_policy().loss(batch)
+
+
+def test_forward_rejects_wrong_state_width():
+    batch = dict(make_batch(), states=torch.zeros(4, 5, STATE_DIM + 2))
+    with pytest.raises(ValueError, match=r"\(batch, context, 6\)"):
+        make_policy()(batch)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    policy = make_policy(n_layer=2)
+    batch = make_batch()
+    policy.save_pretrained(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "model.safetensors" in files and "config.json" in files and "eva_rl.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    loaded = DecisionTransformerPolicy.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == policy.config and loaded.metadata == policy.metadata
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), policy(batch))
+    obs = np.random.default_rng(0).standard_normal((2, STATE_DIM)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.act(loaded.start_rollout(2, 5.0), obs),
+                                  policy.act(policy.start_rollout(2, 5.0), obs))
+
+
+def test_plain_transformers_loads_the_weights(tmp_path):
+    policy = make_policy(n_layer=2)
+    policy.save_pretrained(tmp_path)
+    model = DecisionTransformerModel.from_pretrained(tmp_path)
+    reference = policy.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert model.config.state_dim == STATE_DIM and model.config.n_layer == 2
+
+
+def test_plain_transformers_dir_needs_metadata(tmp_path):
+    policy = make_policy()
+    policy.model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pass metadata="):
+        DecisionTransformerPolicy.from_pretrained(tmp_path)
+    loaded = DecisionTransformerPolicy.from_pretrained(tmp_path, metadata=make_metadata(), context_length=5)
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), policy(batch))
+
+
+def test_save_replaces_a_checkpoint_but_not_other_directories(tmp_path):
+    make_policy(n_layer=1).save_pretrained(tmp_path / "ckpt")
+    make_policy(n_layer=2).save_pretrained(tmp_path / "ckpt")
+    assert DecisionTransformerPolicy.from_pretrained(tmp_path / "ckpt").config.n_layer == 2
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no checkpoint"):
+        make_policy().save_pretrained(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
+        DecisionTransformerPolicy.from_pretrained(tmp_path / "missing")
+    make_policy().save_pretrained(tmp_path / "ckpt")
+    meta_file = tmp_path / "ckpt" / "eva_rl.json"
+    payload = json.loads(meta_file.read_text())
+    payload["config"]["hidden_size"] = 64
+    meta_file.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"hidden_size: 64 \(eva_rl.json\) vs 32 \(config.json\)"):
+        DecisionTransformerPolicy.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        DecisionTransformerPolicy.from_pretrained(tmp_path / "ckpt")
+
+
+# -- acting --------------------------------------------------------------------------------------
+
+def full_forward_action(policy: DecisionTransformerPolicy, history: dict) -> np.ndarray:
+    """The reference: one full forward on the left-padded last-K window, action of its last step."""
+    k, meta = policy.config.context_length, policy.metadata
+    n = len(history["obs"])
+    lo = max(0, n - k)
+    w = n - lo
+    states = np.zeros((1, k, STATE_DIM), np.float32)
+    actions = np.zeros((1, k, ACT_DIM), np.float32)
+    rtg = np.zeros((1, k, 1), np.float32)
+    timesteps = np.zeros((1, k), np.int64)
+    mask = np.zeros((1, k), np.int64)
+    obs = np.stack(history["obs"][lo:])
+    states[0, k - w:, : obs.shape[1]] = obs
+    states[0, k - w:] = (states[0, k - w:] - meta.state_mean_array) / meta.state_std_array
+    actions[0, k - w:] = np.stack((history["actions"] + [np.zeros(ACT_DIM, np.float32)])[lo:n])
+    rtg[0, k - w:, 0] = np.array(history["rtg"][lo:]) / meta.return_scale
+    timesteps[0, k - w:] = np.minimum(np.arange(lo, n), policy.config.max_ep_len - 1)
+    mask[0, k - w:] = 1
+    batch = {"states": torch.tensor(states), "actions": torch.tensor(actions), "returns_to_go": torch.tensor(rtg),
+             "timesteps": torch.tensor(timesteps), "attention_mask": torch.tensor(mask)}
+    with torch.no_grad():
+        return policy(batch)[0, -1].numpy()
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_incremental_act_matches_full_forward(n_layer):
+    """Several envs, subsets acting, a reset mid-way, episodes longer than K and max_ep_len."""
+    policy = make_policy(n_layer=n_layer)
+    rng = np.random.default_rng(0)
+    targets = [5.0, 3.0, 7.0]
+    ctx = policy.start_rollout(3, targets)
+    histories = [{"obs": [], "actions": [], "rewards": [], "rtg": []} for _ in range(3)]
+    worst = 0.0
+    for t in range(16):
+        ids = np.array([0, 2]) if t % 5 == 3 else np.arange(3)
+        obs = rng.standard_normal((len(ids), STATE_DIM)).astype(np.float32)
+        actions = policy.act(ctx, obs, ids)
+        assert actions.shape == (len(ids), ACT_DIM) and actions.dtype == np.float32
+        rewards = rng.standard_normal(len(ids)).astype(np.float32)
+        for row, i in enumerate(ids):
+            h = histories[i]
+            h["obs"].append(obs[row])
+            h["rtg"].append(targets[i] - sum(h["rewards"]))
+            worst = max(worst, float(np.abs(full_forward_action(policy, h) - actions[row]).max()))
+            h["actions"].append(actions[row])
+            h["rewards"].append(float(rewards[row]))
+        ctx.step(actions, rewards, ids)
+        if t == 9:
+            ctx.reset([1], [4.0])
+            histories[1] = {"obs": [], "actions": [], "rewards": [], "rtg": []}
+            targets[1] = 4.0
+    assert worst < 1e-5
+
+
+def test_act_pads_narrow_observations_and_matches_forward():
+    policy = make_policy()
+    obs = np.ones((1, 4), np.float32)  # the "narrow" task: 4 of 6 state dims
+    action = policy.act(policy.start_rollout(1, 2.0), obs)[0]
+    history = {"obs": [np.pad(obs[0], (0, 2))], "actions": [], "rewards": [], "rtg": [2.0]}
+    np.testing.assert_allclose(action, full_forward_action(policy, history), atol=1e-5)
+
+
+def test_act_uses_eval_mode_and_restores_training():
+    policy = make_policy(dropout=0.5).train()
+    obs = np.ones((2, STATE_DIM), np.float32)
+    first = policy.act(policy.start_rollout(2, 1.0), obs)
+    second = policy.act(policy.start_rollout(2, 1.0), obs)
+    np.testing.assert_array_equal(first, second)
+    assert policy.training
+
+
+def test_bf16_act_is_close_to_fp32():
+    policy = make_policy()
+    obs = np.random.default_rng(0).standard_normal((2, STATE_DIM)).astype(np.float32)
+    fp32 = policy.act(policy.start_rollout(2, 5.0), obs)
+    bf16 = policy.act(policy.start_rollout(2, 5.0, bf16=True), obs)
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+
+
+def test_act_errors():
+    policy = make_policy()
+    ctx = policy.start_rollout(2, 1.0)
+    with pytest.raises(ValueError, match="policy takes at most state_dim=6"):
+        policy.act(ctx, np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError, match="2 observations for 1 envs"):
+        policy.act(ctx, np.zeros((2, 6), np.float32), env_ids=[0])
+    with pytest.raises(ValueError, match=r"env_ids must be in \[0, 2\)"):
+        ctx.step(np.zeros((1, 3)), np.zeros(1), env_ids=[5])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        policy.act(ctx, np.full((2, 6), np.nan, np.float32))
