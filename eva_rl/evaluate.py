@@ -1,0 +1,441 @@
+"""Vectorised evaluation: rollouts of a policy (or a reference agent) and their aggregates.
+
+Protocol (the same for every agent, so numbers compare):
+
+- per task, `episodes` episodes run on `num_envs` Gymnasium vector sub-envs; env i is built by
+  `eva_rl.envs.make_env(task, seed + i)` and runs `(episodes + i) // num_envs` episodes (the
+  split is even, so envs with short episodes are not over-represented), one after another;
+  the k-th episode of env i therefore starts from the same state for every agent and run;
+- autoreset is disabled: an env whose episode ended is reset explicitly, so no reset step is
+  ever stepped or counted;
+- the Decision Transformer is conditioned on a per-task target return (default: the metadata's,
+  the best return in the task's training data), decremented by each reward;
+- an episode succeeds if `info["success"]` was true at any of its steps.
+
+Aggregates (per task and over the suite, for success, return and length) come from
+`summarize(values)`: mean, standard error, interquartile mean, seeded bootstrap 95% CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from eva_rl.envs import expert_policy, make_env, resolve_tasks
+from eva_rl.policy import DecisionTransformerPolicy
+
+REFERENCE_KINDS = ("expert", "random")
+_MEASURES = ("success", "return", "length")
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregates
+# ------------------------------------------------------------------------------------------------
+
+def interquartile_mean(values: Sequence[float] | np.ndarray) -> float:
+    """Mean of the middle 50%: drops floor(n/4) values at each end (scipy's trim_mean(x, 0.25))."""
+    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    cut = int(0.25 * x.size)
+    return float(x[cut: x.size - cut].mean())
+
+
+def summarize(values: Sequence[float] | np.ndarray, *, n_bootstrap: int = 2000, seed: int = 0) -> dict[str, float]:
+    """mean, stderr (sample std / sqrt(n); 0 for one value), iqm, and the percentile bootstrap
+    95% CI of the mean (`n_bootstrap` resamples from a generator seeded with `seed`), n."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("summarize needs at least one value, got none.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"summarize got non-finite values: {x[~np.isfinite(x)][:5].tolist()}.")
+    n = int(x.size)
+    stderr = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, n, size=(n_bootstrap, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(x.mean()), "stderr": stderr, "iqm": interquartile_mean(x),
+            "ci95_low": float(low), "ci95_high": float(high), "n": n}
+
+
+@dataclass(frozen=True)
+class EpisodeRecord:
+    """One evaluation episode."""
+
+    task: str  # task name
+    episode: int  # index within the task, env-major: env 0's episodes first
+    env: int  # sub-env index i (seeded seed + i)
+    seed: int  # the sub-env's seed (seed + i)
+    episode_return: float  # undiscounted sum of rewards
+    length: int  # steps taken
+    success: bool  # info["success"] at any step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "episode": self.episode, "env": self.env, "seed": self.seed,
+                "return": self.episode_return, "length": self.length, "success": self.success}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EpisodeRecord":
+        return cls(task=str(data["task"]), episode=int(data["episode"]), env=int(data["env"]), seed=int(data["seed"]),
+                   episode_return=float(data["return"]), length=int(data["length"]), success=bool(data["success"]))
+
+
+def aggregate(episodes: Sequence[EpisodeRecord], *, seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per-task and suite summaries {measure: summarize(...)} for success (0/1), return and length.
+
+    The suite pools all episodes; every task has the same number of episodes, so its mean is
+    also the mean of the per-task means."""
+    if not episodes:
+        raise ValueError("No episodes to aggregate.")
+
+    def measures(records: Sequence[EpisodeRecord]) -> dict[str, dict]:
+        columns = {"success": [float(r.success) for r in records], "return": [r.episode_return for r in records],
+                   "length": [float(r.length) for r in records]}
+        return {name: summarize(columns[name], seed=seed) for name in _MEASURES}
+
+    tasks = list(dict.fromkeys(r.task for r in episodes))
+    per_task = {task: measures([r for r in episodes if r.task == task]) for task in tasks}
+    return per_task, measures(episodes)
+
+
+@dataclass
+class EvalResult:
+    """Episodes of one evaluation and their aggregates (see `aggregate`)."""
+
+    episodes: list[EpisodeRecord]
+    tasks: dict[str, dict[str, dict[str, float]]]  # task -> measure -> summary
+    suite: dict[str, dict[str, float]]  # measure -> summary over all episodes
+    settings: dict[str, Any] = field(default_factory=dict)  # agent, seed, episodes, num_envs, targets, ...
+    env_steps: int = 0  # steps taken in all envs (episodes' steps only)
+    seconds: float = 0.0  # wall-clock time of the rollouts
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.suite["success"]["mean"])
+
+    @property
+    def return_mean(self) -> float:
+        return float(self.suite["return"]["mean"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "suite": self.suite, "tasks": self.tasks, "env_steps": self.env_steps,
+                "seconds": self.seconds, "episodes": [r.to_dict() for r in self.episodes]}
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write everything as JSON, atomically (temporary file + rename)."""
+        from eva_rl.config import write_text_atomic
+
+        path = Path(path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "EvalResult":
+        data = json.loads(Path(path).read_text())
+        return cls(episodes=[EpisodeRecord.from_dict(r) for r in data["episodes"]], tasks=data["tasks"],
+                   suite=data["suite"], settings=data.get("settings", {}), env_steps=int(data.get("env_steps", 0)),
+                   seconds=float(data.get("seconds", 0.0)))
+
+    def describe(self) -> str:
+        """A plain-text table: one row per task, then the suite."""
+        rows = [("task", "episodes", "success", "return (mean +- se)", "return IQM", "length")]
+        for name, m in [*self.tasks.items(), ("suite", self.suite)]:
+            rows.append((name, str(m["success"]["n"]),
+                         f"{m['success']['mean']:.3f} +- {m['success']['stderr']:.3f}",
+                         f"{m['return']['mean']:.1f} +- {m['return']['stderr']:.1f}",
+                         f"{m['return']['iqm']:.1f}", f"{m['length']['mean']:.0f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Agents: what acts in the rollout loop
+# ------------------------------------------------------------------------------------------------
+
+class _Agent:
+    """Acts for a subset of envs; told about steps and episode starts (rows follow env_ids)."""
+
+    def start(self, task: str, num_envs: int, action_space: Any) -> None: ...
+    def act(self, obs: np.ndarray, env_ids: np.ndarray) -> np.ndarray: ...
+    def step(self, actions: np.ndarray, rewards: np.ndarray, env_ids: np.ndarray) -> None: ...
+    def reset(self, env_ids: np.ndarray) -> None: ...
+
+
+class _PolicyAgent(_Agent):
+    def __init__(self, policy: DecisionTransformerPolicy, target_returns: Mapping[str, float], bf16: bool) -> None:
+        self.policy, self.target_returns, self.bf16 = policy, target_returns, bf16
+
+    def start(self, task: str, num_envs: int, action_space: Any) -> None:
+        self.target = self.target_returns[task]
+        self.ctx = self.policy.start_rollout(num_envs, self.target, bf16=self.bf16)
+
+    def act(self, obs: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
+        return self.policy.act(self.ctx, obs, env_ids)
+
+    def step(self, actions: np.ndarray, rewards: np.ndarray, env_ids: np.ndarray) -> None:
+        self.ctx.step(actions, rewards, env_ids)
+
+    def reset(self, env_ids: np.ndarray) -> None:
+        self.ctx.reset(env_ids, self.target)
+
+
+class _ExpertAgent(_Agent):
+    def start(self, task: str, num_envs: int, action_space: Any) -> None:
+        self.expert = expert_policy(task)
+
+    def act(self, obs: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
+        return np.stack([self.expert(row) for row in obs])
+
+
+class _RandomAgent(_Agent):
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def start(self, task: str, num_envs: int, action_space: Any) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self.low, self.high = action_space.low, action_space.high
+
+    def act(self, obs: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(self.low, self.high, size=(len(env_ids), self.low.shape[0])).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollouts
+# ------------------------------------------------------------------------------------------------
+
+def evaluate(policy: DecisionTransformerPolicy, tasks: str | Sequence[str], episodes: int, seed: int, *,
+             num_envs: int = 8, target_returns: float | Mapping[str, float] | None = None,
+             horizon: int | None = None, asynchronous: bool = False, bf16: bool = False,
+             video_dir: str | os.PathLike | None = None, video_every: int = 4,
+             progress: bool = False) -> EvalResult:
+    """Roll `policy` out for `episodes` episodes per task (tasks or suite names), seeded `seed`.
+
+    target_returns: RAW return to condition on: one number for all tasks, or {task: value}
+    (missing tasks fall back to the policy metadata's). horizon: steps per episode (default: the
+    suite's). bf16: bfloat16 inference (fast on GPUs and AVX512-BF16/AMX CPUs only). video_dir: write
+    the first episode of each task as `<task>.mp4`, keeping every `video_every`-th frame.
+    The policy is put in eval mode and left there.
+    """
+    task_list = resolve_tasks(tasks)
+    targets = _resolve_targets(policy, task_list, target_returns)
+    policy.eval()
+    settings = {"agent": "policy", "target_returns": targets, "bf16": bool(bf16)}
+    return _run(_PolicyAgent(policy, targets, bf16), task_list, episodes, seed, num_envs=num_envs, horizon=horizon,
+                asynchronous=asynchronous, video_dir=video_dir, video_every=video_every, progress=progress,
+                settings=settings, check_spaces=policy.check_env)
+
+
+def evaluate_reference(kind: str, tasks: str | Sequence[str], episodes: int, seed: int, *, num_envs: int = 8,
+                       horizon: int | None = None, asynchronous: bool = False,
+                       video_dir: str | os.PathLike | None = None, video_every: int = 4,
+                       progress: bool = False) -> EvalResult:
+    """The same protocol as `evaluate` for a reference agent: "expert" (Meta-World's scripted
+    policy of each task) or "random" (uniform actions, seeded with `seed`)."""
+    if kind not in REFERENCE_KINDS:
+        raise ValueError(f"Unknown reference agent {kind!r}; choose one of {list(REFERENCE_KINDS)}.")
+    task_list = resolve_tasks(tasks)
+    if kind == "expert":
+        for task in task_list:
+            expert_policy(task)  # fail before any env is built when a task has no expert
+    agent = _ExpertAgent() if kind == "expert" else _RandomAgent(seed)
+    return _run(agent, task_list, episodes, seed, num_envs=num_envs, horizon=horizon, asynchronous=asynchronous,
+                video_dir=video_dir, video_every=video_every, progress=progress, settings={"agent": kind})
+
+
+def _resolve_targets(policy: DecisionTransformerPolicy, tasks: Sequence[str],
+                     target_returns: float | Mapping[str, float] | None) -> dict[str, float]:
+    given: Mapping[str, float]
+    if target_returns is None:
+        given = {}
+    elif isinstance(target_returns, Mapping):
+        given = target_returns
+    else:
+        given = {task: float(target_returns) for task in tasks}
+    targets = {}
+    for task in tasks:
+        value = given.get(task, policy.metadata.target_returns.get(task))
+        if value is None:
+            raise ValueError(
+                f"No target return for task {task!r}: the policy's metadata has targets for "
+                f"{sorted(policy.metadata.target_returns)}. Pass target_returns={{{task!r}: value}} "
+                f"(--target-return {task}=VALUE)."
+            )
+        if not math.isfinite(float(value)):
+            raise ValueError(f"Target return for {task!r} must be finite, got {value!r}.")
+        targets[task] = float(value)
+    return targets
+
+
+def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_envs: int, horizon: int | None,
+         asynchronous: bool, video_dir: str | os.PathLike | None, video_every: int, progress: bool,
+         settings: dict[str, Any], check_spaces: Callable[..., None] | None = None) -> EvalResult:
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be a positive integer (per task), got {episodes!r}.")
+    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}.")
+    if video_every < 1:
+        raise ValueError(f"video_every must be >= 1, got {video_every}.")
+    n_envs = min(num_envs, episodes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes * len(tasks), desc="evaluate", unit="episode")
+    records: list[EpisodeRecord] = []
+    env_steps = 0
+    start = time.perf_counter()
+    try:
+        for task in tasks:
+            task_records, steps = _rollout_task(
+                agent, task, episodes, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
+                video_path=Path(video_dir) / f"{task}.mp4" if video_dir is not None else None,
+                video_every=video_every, check_spaces=check_spaces, bar=bar)
+            records.extend(task_records)
+            env_steps += steps
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    per_task, suite = aggregate(records, seed=seed)
+    settings = {**settings, "tasks": list(tasks), "episodes": episodes, "seed": seed, "num_envs": n_envs,
+                "horizon": horizon, "asynchronous": asynchronous}
+    return EvalResult(episodes=records, tasks=per_task, suite=suite, settings=settings, env_steps=env_steps,
+                      seconds=seconds)
+
+
+def _vector_env(task: str, seed: int, n_envs: int, *, horizon: int | None, asynchronous: bool,
+                render: bool) -> Any:
+    import gymnasium as gym
+
+    factories = [functools.partial(make_env, task, seed + i, horizon=horizon) for i in range(n_envs)]
+    if render:
+        # env 0 records; rendering needs direct access to it, hence the synchronous vector env
+        factories[0] = functools.partial(make_env, task, seed, horizon=horizon, render_mode="rgb_array",
+                                         **_render_size(task))
+        asynchronous = False
+    vector_cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
+    return vector_cls(factories, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: int, *, horizon: int | None,
+                  asynchronous: bool, video_path: Path | None, video_every: int,
+                  check_spaces: Callable[..., None] | None, bar: Any) -> tuple[list[EpisodeRecord], int]:
+    """All `episodes` episodes of one task; returns their records (env-major order) and the steps taken."""
+    quota = np.array([(episodes + i) // n_envs for i in range(n_envs)])  # even split, sums to `episodes`
+    if video_path is not None:
+        _select_gl_backend()
+    envs = _vector_env(task, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
+                       render=video_path is not None)
+    try:
+        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+        if check_spaces is not None:
+            check_spaces(task, obs_space, act_space)
+        act_dim = act_space.shape[0]
+        low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
+        agent.start(task, n_envs, act_space)
+        obs, _ = envs.reset()
+        done_count = np.zeros(n_envs, dtype=np.int64)
+        ep_return = np.zeros(n_envs, dtype=np.float64)
+        ep_length = np.zeros(n_envs, dtype=np.int64)
+        ep_success = np.zeros(n_envs, dtype=bool)
+        finished: dict[tuple[int, int], tuple[float, int, bool]] = {}
+        frames: list[np.ndarray] | None = [] if video_path is not None else None
+        if frames is not None:
+            frames.append(envs.envs[0].render())
+        env_steps = 0
+        # envs that met their quota keep stepping (a vector env steps all) with ignored actions
+        idle_action = np.clip(np.zeros(act_dim, dtype=np.float32), low, high)
+        while (done_count < quota).any():
+            active = done_count < quota
+            ids = np.flatnonzero(active)
+            actions = np.tile(idle_action, (n_envs, 1))
+            actions[ids] = np.clip(agent.act(obs[ids], ids)[:, :act_dim], low, high)
+            obs, rewards, terminated, truncated, info = envs.step(actions)
+            agent.step(actions[ids], rewards[ids], ids)
+            step_success = _info_flags(info, "success", n_envs)
+            ep_return[ids] += rewards[ids]
+            ep_length[ids] += 1
+            ep_success[ids] |= step_success[ids]
+            env_steps += len(ids)
+            if frames is not None and done_count[0] == 0 and ep_length[0] % video_every == 0:
+                frames.append(envs.envs[0].render())
+            done = terminated | truncated
+            for i in np.flatnonzero(done & active):
+                finished[(i, int(done_count[i]))] = (float(ep_return[i]), int(ep_length[i]), bool(ep_success[i]))
+                if i == 0 and frames is not None and done_count[0] == 0:
+                    _write_video(video_path, frames, envs.envs[0], video_every)
+                    frames = None
+                done_count[i] += 1
+                ep_return[i], ep_length[i], ep_success[i] = 0.0, 0, False
+                if bar is not None:
+                    bar.update(1)
+            if done.any():
+                reset_obs, _ = envs.reset(options={"reset_mask": done.copy()})
+                obs = np.where(done[:, None], reset_obs, obs)
+                restart = np.flatnonzero(done & (done_count < quota))
+                if len(restart):
+                    agent.reset(restart)
+    finally:
+        envs.close()
+    records = []
+    for i in range(n_envs):
+        for k in range(int(quota[i])):
+            ret, length, success = finished[(i, k)]
+            records.append(EpisodeRecord(task=task, episode=len(records), env=i, seed=seed + i,
+                                         episode_return=ret, length=length, success=success))
+    return records, env_steps
+
+
+def _info_flags(info: Mapping[str, Any], key: str, n_envs: int) -> np.ndarray:
+    """The boolean `info[key]` of every sub-env (False where an env did not report it)."""
+    if key not in info:
+        return np.zeros(n_envs, dtype=bool)
+    values = np.asarray(info[key]).astype(bool)
+    present = np.asarray(info.get(f"_{key}", np.ones(n_envs, dtype=bool)), dtype=bool)
+    return values & present
+
+
+# ------------------------------------------------------------------------------------------------
+# Video
+# ------------------------------------------------------------------------------------------------
+
+def _select_gl_backend() -> None:
+    """MuJoCo offscreen rendering: EGL where a GPU is present, OSMesa otherwise (unless MUJOCO_GL is set)."""
+    if "MUJOCO_GL" not in os.environ:
+        os.environ["MUJOCO_GL"] = "egl" if torch.cuda.is_available() else "osmesa"
+
+
+def _render_size(task: str) -> dict[str, int]:
+    from eva_rl.envs import task_spec
+
+    # 240 x 240 keeps OSMesa at a few frames per second; Gymnasium's MuJoCo envs take the same kwargs
+    return {"width": 240, "height": 240} if task_spec(task).family in ("metaworld", "mujoco") else {}
+
+
+def _write_video(path: Path, frames: list[np.ndarray], env: Any, every: int) -> None:
+    import imageio.v2 as imageio
+
+    frames = [np.asarray(f) for f in frames if f is not None]
+    if not frames:
+        raise ValueError(f"The env of {path.stem!r} rendered no frames; it cannot be recorded.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # real-time playback: the env's frame rate over the frames skipped
+    fps = max(1, round(float(env.metadata.get("render_fps") or 30) / every))
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+        os.replace(tmp, path)
+    except Exception as exc:
+        if tmp.exists():
+            tmp.unlink()
+        if isinstance(exc, (ImportError, RuntimeError)) and "ffmpeg" in str(exc).lower():
+            raise RuntimeError("Writing MP4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from exc
+        raise
