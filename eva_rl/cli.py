@@ -82,6 +82,73 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # --- evaluate (policy owns this block) -----------------------------------------------------------
 
+def _evaluate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory (not needed with --reference)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="task or suite names (default: the tasks the policy was trained on)")
+    parser.add_argument("--reference", choices=["expert", "random"], default=None,
+                        help="evaluate a reference agent instead of a model")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    parser.add_argument("--seed", type=int, default=0, help="env i is seeded seed + i")
+    parser.add_argument("--num-envs", type=int, default=8, help="envs stepped together per task")
+    parser.add_argument("--horizon", type=int, default=None, help="steps per episode (default: the suite's)")
+    parser.add_argument("--target-return", action="append", default=[], metavar="[TASK=]VALUE",
+                        help="raw target return, for all tasks or one (repeatable; default: the checkpoint's)")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write episodes and aggregates to this JSON file")
+    parser.add_argument("--video", default=None, metavar="DIR", help="record each task's first episode as DIR/<task>.mp4")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 inference")
+    parser.add_argument("--async", dest="asynchronous", action="store_true", help="one process per env")
+    parser.add_argument("--device", default="cpu", help="torch device of the policy")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def _parse_target_returns(items: Sequence[str]) -> float | dict[str, float] | None:
+    if not items:
+        return None
+    per_task: dict[str, float] = {}
+    for item in items:
+        task, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--target-return {item!r} is not VALUE or TASK=VALUE (e.g. 4500 or reach-v3=4500).") from None
+        if not sep:
+            if len(items) > 1:
+                raise ValueError("Give either one --target-return VALUE for all tasks, or TASK=VALUE per task.")
+            return number
+        per_task[task] = number
+    return per_task
+
+
+@command("evaluate", _evaluate_args)
+def _evaluate(args: argparse.Namespace) -> int:
+    from eva_rl.evaluate import evaluate, evaluate_reference
+
+    common = dict(num_envs=args.num_envs, horizon=args.horizon, asynchronous=args.asynchronous,
+                  video_dir=args.video, progress=args.progress)
+    if args.reference is not None:
+        if args.model_dir is not None:
+            raise ValueError("Give either MODEL_DIR or --reference, not both.")
+        if not args.tasks:
+            raise ValueError("--reference needs --tasks (task or suite names).")
+        result = evaluate_reference(args.reference, args.tasks, args.episodes, args.seed, **common)
+    else:
+        if args.model_dir is None:
+            raise ValueError("Name the checkpoint to evaluate (eva-rl evaluate MODEL_DIR) or pass --reference expert|random.")
+        from eva_rl.policy import DecisionTransformerPolicy
+
+        policy = DecisionTransformerPolicy.from_pretrained(args.model_dir, device=args.device)
+        tasks = args.tasks or list(policy.metadata.tasks)
+        if not tasks:
+            raise ValueError(f"The checkpoint {args.model_dir!r} names no tasks; pass --tasks.")
+        result = evaluate(policy, tasks, args.episodes, args.seed, target_returns=_parse_target_returns(args.target_return),
+                          bf16=args.bf16, **common)
+    print(result.describe())
+    if args.json:
+        print(f"wrote {result.to_json(args.json)}")
+    return 0
+
+
 # --- finetune (adapters own this block) ----------------------------------------------------------
 
 # --- experiment, report, quickstart (experiment owns this block) --------------------------------
