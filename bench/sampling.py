@@ -4,14 +4,15 @@
 
 Writes a synthetic Meta-World-shaped dataset (39-dim observations, 4-dim actions) with
 minari.create_dataset_from_buffers into a temp dir, loads it with load_trajectories, and times:
-  value      eva-rl's vectorised sampler (one fancy-indexing gather per batch);
+  value      eva-rl's vectorised sampler (two np.take gathers per batch from precomputed rows);
   reference  what a user writes over minari episodes, as the original Decision Transformer did:
              episodes read once into memory (MinariDataset iteration), returns-to-go precomputed
              per episode, then per sample: pick an episode in proportion to its length, pick a
              start, slice, normalise, left-pad, and stack the batch into tensors.
 Also printed (not the reference, it is far slower): the same loop reading episodes from disk with
 MinariDataset.sample_episodes for every batch.
-Both produce the same dict of tensors. Medians over rounds; the last line is the JSON summary.
+Both produce the same dict of tensors. Medians over rounds, the two interleaved round by round
+(the machine may be shared); the last line is the JSON summary.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def loop_batch(
         "returns_to_go": torch.from_numpy(np.stack(returns).astype(np.float32)[..., None]),
         "timesteps": torch.from_numpy(np.stack(timesteps)),
         "attention_mask": torch.from_numpy(np.stack(masks)),
+        "task_ids": torch.zeros(BATCH, dtype=torch.int64),  # one task here
     }
 
 
@@ -98,17 +100,25 @@ def length_weights(episodes: list) -> np.ndarray:
     return lengths / lengths.sum()
 
 
-def windows_per_second(make_batch: Callable[[], dict], rounds: int, seconds: float) -> float:
-    """Median over rounds of windows/s, each round running batches for about `seconds`."""
-    make_batch()  # warm-up: first-touch page faults and allocator
-    rates = []
+def windows_per_second(make_batch: Callable[[], dict], seconds: float) -> float:
+    """Windows/s of one timing round: batches run back to back for about `seconds`."""
+    batches, begin = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - begin) < seconds:
+        make_batch()
+        batches += 1
+    return batches * BATCH / elapsed
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], dict]], rounds: int, seconds: float) -> dict[str, float]:
+    """Median windows/s per candidate; every round times each candidate once, in turn, so the
+    load of a shared machine changing over time hits all of them alike."""
+    for make_batch in candidates.values():
+        make_batch()  # warm-up: first-touch page faults, the sampler's tables, the allocator
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
-        batches, begin = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - begin) < seconds:
-            make_batch()
-            batches += 1
-        rates.append(batches * BATCH / elapsed)
-    return statistics.median(rates)
+        for name, make_batch in candidates.items():
+            rates[name].append(windows_per_second(make_batch, seconds))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
@@ -130,7 +140,6 @@ def main() -> None:
         data = load_trajectories(directory, return_scale=RETURN_SCALE)
         print(f"load_trajectories: {data.num_steps} steps in {time.perf_counter() - begin:.1f} s")
         rng = np.random.default_rng(0)
-        ours = windows_per_second(lambda: data.sample(BATCH, CONTEXT, generator=rng), args.rounds, args.seconds)
 
         import minari
 
@@ -141,16 +150,24 @@ def main() -> None:
         print(f"minari episodes into memory: {time.perf_counter() - begin:.1f} s")
         mean, std = data.state_mean, data.state_std
         weights = length_weights(episodes)
-        reference = windows_per_second(
-            lambda: loop_batch(episodes, rtgs, weights, rng, mean, std), args.rounds, args.seconds
+        rates = interleaved_medians(
+            {
+                "ours": lambda: data.sample(BATCH, CONTEXT, generator=rng),
+                "reference": lambda: loop_batch(episodes, rtgs, weights, rng, mean, std),
+            },
+            args.rounds,
+            args.seconds,
         )
+        ours, reference = rates["ours"], rates["reference"]
+        layout = {key: (tuple(v.shape), v.dtype) for key, v in data.sample(BATCH, CONTEXT).items()}
+        assert layout == {key: (tuple(v.shape), v.dtype) for key, v in loop_batch(episodes, rtgs, weights, rng, mean, std).items()}
 
         def from_disk() -> dict:
             sampled = dataset.sample_episodes(min(BATCH, len(dataset)))  # read from HDF5 every batch
             returns = [np.cumsum(ep.rewards[::-1])[::-1] for ep in sampled]
             return loop_batch(sampled, returns, length_weights(sampled), rng, mean, std)
 
-        disk = windows_per_second(from_disk, max(1, args.rounds // 2), args.seconds)
+        disk = interleaved_medians({"disk": from_disk}, max(1, args.rounds // 2), args.seconds)["disk"]
 
     print(f"eva-rl sample({BATCH}, {CONTEXT}):               {ours:12,.0f} windows/s")
     print(f"per-sample loop, episodes in memory:   {reference:12,.0f} windows/s  (reference)")
