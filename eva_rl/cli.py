@@ -151,6 +151,34 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # --- finetune (adapters own this block) ----------------------------------------------------------
 
+def _finetune_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its newest checkpoint")
+    parser.add_argument("--merge", action="store_true", help="also write merged/: a standalone checkpoint")
+
+
+@command("finetune", _finetune_args)
+def _finetune(args: argparse.Namespace) -> int:
+    import logging
+
+    from eva_rl.config import load_config
+    from eva_rl.finetune import FinetuneConfig, finetune
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config_file, overrides = args.config, list(args.overrides)
+    if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
+        config_file, overrides = None, [config_file] + overrides  # only key=value overrides were given
+    overrides += (["train.resume=true"] if args.resume else []) + (["merge=true"] if args.merge else [])
+    result = finetune(load_config(FinetuneConfig, config_file, overrides))
+    metrics, final = result.metrics, result.metrics["final"]
+    eva = f", EVA {metrics['eva_seconds']:.1f} s" if metrics.get("eva_seconds") is not None else ""
+    print(f"{metrics['method']} on {metrics['task']}: {metrics['trainable_params']} trainable parameters, "
+          f"{result.steps} updates in {metrics['train_seconds']:.0f} s{eva}; final loss {final['train_loss']}, "
+          f"held-out action error {final['val_action_error']}, success {final['success_rate']} "
+          f"-> {result.out_dir / 'adapter'}")
+    return 0
+
+
 # --- experiment, report, quickstart (experiment owns this block) --------------------------------
 
 def _report_args(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +196,72 @@ def _report(args: argparse.Namespace) -> int:
     print(result.markdown)
     print(f"Report written to {result.out_dir}")
     return 0
+
+
+def _experiment_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: a process per run on this machine; ray: a Ray task per run")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs at once (local backend; default: cores // finetune.cpus_per_run)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (ray backend; default: a local instance)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="runs made by a different config move to _replaced/ and run again")
+
+
+def _experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (a path, or a name in configs/: quickstart.yaml, cw10-cpu.yaml, ...)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.seeds=[0,1]")
+    _experiment_backend_args(parser)
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+
+def _run_experiment_and_report(config_name: str, overrides: list[str], args: argparse.Namespace,
+                               report: bool = True):
+    from eva_rl.experiment import config_path, load_experiment, run_experiment
+    from eva_rl.report import write_report
+
+    path = config_path(config_name)
+    config = load_experiment(path, overrides)
+    result = run_experiment(config, backend=args.backend, workers=args.workers, address=args.address,
+                            overwrite=args.overwrite, yaml_path=path)
+    for failed in result.failed:
+        print(f"FAILED {failed.name}: {(failed.error or '').strip().splitlines()[-1:]}", file=sys.stderr)
+    made = write_report(result.out_dir) if report and any(r.status != "failed" for r in result.runs) else None
+    return result, made
+
+
+@command("experiment", _experiment_args)
+def _experiment(args: argparse.Namespace) -> int:
+    result, report = _run_experiment_and_report(args.config, args.overrides, args, report=not args.no_report)
+    if report is not None:
+        print(report.markdown)
+        print(f"Report: {report.out_dir / 'report.md'}")
+    print(f"Runs: {result.out_dir / 'runs'}  (tensorboard --logdir {result.out_dir})")
+    return 1 if result.failed else 0
+
+
+def _quickstart_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/quickstart.yaml")
+    _experiment_backend_args(parser)
+
+
+@command("quickstart", _quickstart_args)
+def _quickstart(args: argparse.Namespace) -> int:
+    import time
+
+    from eva_rl.report import summary_table
+
+    start = time.perf_counter()
+    result, report = _run_experiment_and_report("quickstart.yaml", args.overrides, args)
+    print()
+    if report is not None:
+        print(summary_table(report))
+        print("(mean ± standard error over runs; training loss and action error are final values, lower is better)")
+        print(f"Full report (tables, CIs, paired differences): {report.out_dir / 'report.md'}")
+        print(f"Plots: {', '.join(str(p) for p in report.files if p.suffix == '.png')}")
+    print(f"Tensorboard: tensorboard --logdir {result.out_dir}")
+    print(f"Quickstart took {time.perf_counter() - start:.0f} s.")
+    return 1 if result.failed else 0
 
 
 

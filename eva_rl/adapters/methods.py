@@ -257,6 +257,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def check_targets(policy_or_model: nn.Module, method: str, rank: int,
+                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES) -> tuple[str, ...]:
+    """Validate a method, rank and targets against a model before any work; the resolved module names.
+
+    Errors: an unknown method (lists the known ones), targets that match nothing, a rank above a
+    target matrix's width, a model that already carries adapters.
+    """
+    spec = get_method(method)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}.")
+    model = _model_of(policy_or_model)
+    if isinstance(model, PeftModel):
+        raise ValueError("The model already has adapters; apply a method to the pretrained policy.")
+    names = resolve_target_modules(model, target_modules)
+    for name in names:
+        width = min(layer_features(model, name))
+        if spec.build_config is not None and rank > width:
+            raise ValueError(
+                f"rank {rank} is above the width of {name} (in x out = {layer_features(model, name)}); "
+                f"use rank <= {width} or leave that module out of target_modules."
+            )
+    return names
+
+
 def apply_method(
     policy_or_model: nn.Module,
     method: str,
@@ -279,21 +303,10 @@ def apply_method(
     What was done is recorded in `adapter_info(result)`.
     """
     spec = get_method(method)
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     model = _model_of(policy_or_model)
-    if isinstance(model, PeftModel):
-        raise ValueError("The model already has adapters; apply a method to the pretrained policy.")
-    names = resolve_target_modules(model, target_modules)
-    for name in names:
-        width = min(layer_features(model, name))
-        if spec.build_config is not None and rank > width:
-            raise ValueError(
-                f"rank {rank} is above the width of {name} (in x out = {layer_features(model, name)}); "
-                f"use rank <= {width} or leave that module out of target_modules."
-            )
+    names = check_targets(model, method, rank, target_modules)
     options = MethodOptions(
         rank=rank, alpha=float(rank if alpha is None else alpha), target_modules=names, dropout=dropout,
         modules_to_save=tuple(modules_to_save), total_steps=total_steps, eva_weights=eva_weights,

@@ -1,0 +1,283 @@
+"""Fine-tune a pretrained Decision Transformer on a new task's data with one method (`eva-rl finetune`).
+
+    checkpoint + task dataset -> method (PEFT adapter; EVA init if the method needs it)
+        -> train.train (same loop as pretraining) -> adapter/, merged/ (optional), metrics.json
+
+The task's data is normalised with the checkpoint's statistics (the network was trained on
+them), never its own. EVA's batches come from the training split only (the validation split
+stays held out) and are drawn with a generator seeded by `eva.seed` alone, so every process of
+a torchrun job computes the same components.
+
+Run directory (`train.out_dir`):
+    config.yaml             the resolved FinetuneConfig (reloads with load_config)
+    eva/                    EVA's components (eva_weights.safetensors), reused when a run resumes
+    eva_report.json, eva_ranks.png   EVA's ranks, explained variance, convergence, seconds
+    tb/, checkpoints/       as in train.py
+    adapter/                PeftModel.from_pretrained(base, adapter/) + eva_rl_adapter.json
+    merged/                 with merge=true: a standalone checkpoint (policy save_pretrained format)
+    metrics.json            written last (train.py's format, kind "finetune")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eva_rl.adapters import methods
+from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
+from eva_rl.config import save_config
+from eva_rl.train import DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaSection:
+    # "native" (this project's EVA) or "peft" (PEFT's get_eva_state_dict with DT token masks).
+    backend: str = "native"
+    # Each matrix offers rank * rho components; the top (matrices * rank) by explained variance are kept.
+    rho: float = 1.0
+    # Cosine between consecutive batches' components at which a component has converged.
+    tau: float = 0.99
+    # Token kinds whose inputs feed EVA: any of return, state, action.
+    tokens: tuple[str, ...] = ("state", "action")
+    # Windows per EVA batch (each window is K steps, 3K tokens).
+    batch_size: int = 64
+    # Most batches EVA may use; matrices not converged by then are reported.
+    max_batches: int = 100
+    # Seeds the windows EVA samples (the same on every process).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"eva.backend must be one of {BACKENDS}, got {self.backend!r}.")
+        if self.rho < 1.0:
+            raise ValueError(f"eva.rho must be >= 1 (1 = uniform ranks), got {self.rho}.")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"eva.tau must be in (0, 1], got {self.tau}.")
+        if not self.tokens or set(self.tokens) - set(TOKEN_KINDS):
+            raise ValueError(f"eva.tokens must be a non-empty subset of {list(TOKEN_KINDS)}, got {list(self.tokens)}.")
+        if self.batch_size < 1:
+            raise ValueError(f"eva.batch_size must be >= 1, got {self.batch_size}.")
+        if self.max_batches < 2:
+            raise ValueError(f"eva.max_batches must be >= 2 (convergence compares batches), got {self.max_batches}.")
+
+
+def _default_train() -> TrainConfig:
+    # Fine-tuning defaults: a held-out split for the action error, evaluation during the run.
+    return TrainConfig(data=DataConfig(val_fraction=0.2), optim=OptimConfig(lr=1e-3, warmup_steps=100),
+                       steps=1000, eval_every=500, eval_episodes=10, val_every=100, log_every=50,
+                       checkpoint_every=250, out_dir="runs/finetune")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    # Pretrained checkpoint: an eva-rl policy dir, or a plain DecisionTransformerModel dir (see state_mean).
+    checkpoint: str = ""
+    # Fine-tuning method: fft, lora, dora, pissa, olora, adalora, eva, eva_dora.
+    method: str = "eva"
+    # Adapter rank r (AdaLoRA: the average rank it prunes to; fft ignores it).
+    rank: int = 8
+    # LoRA alpha; the adapter's output is scaled by alpha / r. None = rank (scaling 1).
+    alpha: float | None = None
+    # Dropout on the adapter's input.
+    dropout: float = 0.0
+    # Adapted matrices, as module-name suffixes (default: every attention and MLP matrix of the blocks).
+    target_modules: tuple[str, ...] = methods.DEFAULT_TARGET_MODULES
+    # Modules trained in full next to the adapter (e.g. predict_action); none by default.
+    modules_to_save: tuple[str, ...] = ()
+    # Also write merged/: the adapter folded into the weights, a standalone checkpoint.
+    merge: bool = False
+    # Plain DecisionTransformerModel checkpoints only: the state normalisation it was trained with
+    # (state_dim values each); empty = computed from the fine-tuning data.
+    state_mean: tuple[float, ...] = ()
+    state_std: tuple[float, ...] = ()
+    # Plain checkpoints only: context length K it was trained with.
+    context_length: int = 20
+    # EVA's settings (methods eva and eva_dora).
+    eva: EvaSection = field(default_factory=EvaSection)
+    # The training loop: data.paths = the task's dataset(s); the policy section is not used.
+    train: TrainConfig = field(default_factory=_default_train)
+
+    def __post_init__(self) -> None:
+        methods.get_method(self.method)  # unknown method: lists the known ones
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}.")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (or null for alpha = rank), got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one module suffix, e.g. c_attn.")
+        if len(self.state_mean) != len(self.state_std):
+            raise ValueError(f"state_mean ({len(self.state_mean)} values) and state_std ({len(self.state_std)}) "
+                             f"must have the same length, or both be empty.")
+        if self.context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {self.context_length}.")
+
+
+def load_pretrained(config: FinetuneConfig, dataset: Any) -> nn.Module:
+    """The pretrained DecisionTransformerPolicy that config.checkpoint names (eval mode).
+
+    A plain DecisionTransformerModel dir gets its normalisation from config.state_mean/std, or
+    from `dataset` (raw observations) when those are empty.
+    """
+    from eva_rl.policy import METADATA_FILE, DecisionTransformerPolicy, PolicyMetadata
+
+    path = Path(config.checkpoint)
+    if not config.checkpoint or not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {config.checkpoint!r} is not a directory; pass the model/ dir of a "
+                                f"pretraining run (or a DecisionTransformerModel save_pretrained dir).")
+    if (path / METADATA_FILE).exists():
+        return DecisionTransformerPolicy.from_pretrained(path)
+    if config.state_mean:
+        mean, std = np.asarray(config.state_mean, np.float32), np.asarray(config.state_std, np.float32)
+    else:
+        log.info("%s is a plain DecisionTransformerModel: normalising with the fine-tuning data's statistics.", path)
+        computed = dataset.with_normalization(None, None)
+        mean, std = computed.state_mean, computed.state_std
+    metadata = PolicyMetadata(state_mean=mean, state_std=std, return_scale=config.train.data.return_scale)
+    return DecisionTransformerPolicy.from_pretrained(path, metadata=metadata, context_length=config.context_length)
+
+
+def check_fit(policy: nn.Module, dataset: Any) -> None:
+    """The checkpoint's state/action widths must be the dataset's (padded) widths."""
+    have = (int(dataset.state_dim), int(dataset.act_dim))
+    want = (int(policy.config.state_dim), int(policy.config.act_dim))
+    if have != want:
+        raise ValueError(
+            f"The checkpoint takes states of {want[0]} and actions of {want[1]} dims but the dataset has "
+            f"{have[0]} and {have[1]} (tasks {list(dataset.task_names)}). Fine-tune on data of the same "
+            f"observation/action spaces as the pretraining data, or pretrain a matching checkpoint."
+        )
+    if len(policy.metadata.state_mean) != have[0]:
+        raise ValueError(f"The checkpoint's state normalisation has {len(policy.metadata.state_mean)} values, "
+                         f"the dataset's states have {have[0]} dims; set state_mean/state_std to match.")
+
+
+def task_metadata(policy: nn.Module, dataset: Any) -> Any:
+    """The policy's metadata plus the fine-tuning tasks (widths; target return = best return in the data)."""
+    meta = policy.metadata
+    tasks, obs_dims, act_dims = list(meta.tasks), list(meta.obs_dims), list(meta.act_dims)
+    for i, task in enumerate(dataset.task_names):
+        if task not in tasks:
+            tasks.append(task)
+            obs_dims.append(int(dataset.obs_dims[i]))
+            act_dims.append(int(dataset.act_dims[i]))
+    targets = {**dict(meta.target_returns), **{t: float(dataset.max_return(t)) for t in dataset.task_names}}
+    return dataclasses.replace(meta, tasks=tuple(tasks), obs_dims=tuple(obs_dims), act_dims=tuple(act_dims),
+                               target_returns=targets)
+
+
+def _eva_batches(dataset: Any, config: FinetuneConfig, context: int):
+    """EVA's windows: from the training split only, seeded by eva.seed (identical on every process)."""
+    data = dataset
+    if config.train.data.val_fraction > 0:
+        data, _ = dataset.split(config.train.data.val_fraction, config.train.seed)
+    generator = np.random.default_rng([config.eva.seed, 0xE7A])
+    for _ in range(config.eva.max_batches):
+        yield data.sample(config.eva.batch_size, context, generator=generator)
+
+
+def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Path) -> tuple[dict, EvaReport | None]:
+    """EVA's components for `policy` (or those a resumed run saved), and the report (None when reused)."""
+    from safetensors.torch import load_file, save_file
+
+    saved = out_dir / "eva" / "eva_weights.safetensors"
+    if config.train.resume and saved.exists():
+        log.info("Reusing EVA components from %s.", saved)
+        return load_file(str(saved)), None
+    weights, report = eva_state_dict(
+        policy, _eva_batches(dataset, config, policy.config.context_length), rank=config.rank, rho=config.eva.rho,
+        tau=config.eva.tau, tokens=config.eva.tokens, target_modules=config.target_modules,
+        max_batches=config.eva.max_batches, backend=config.eva.backend)
+    log.info(report.summary())
+    if int(os.environ.get("RANK", "0")) == 0:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        os.replace(tmp, saved)
+        report.save(out_dir)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+        report.log_tensorboard(writer)
+        writer.close()
+    return weights, report
+
+
+def _add_orthogonality_penalty(policy: nn.Module) -> None:
+    """AdaLoRA trains with an orthogonality penalty on P and Q; PEFT adds it only to outputs that
+    carry a `.loss`, which the DT's do not. Added to the training loss here (not to the
+    validation action error, which runs in eval mode)."""
+    plain_loss = policy.loss
+
+    def loss(batch: dict, **kw: Any) -> torch.Tensor:
+        value = plain_loss(batch, **kw)
+        penalty = methods.regularization_loss(policy) if policy.training else None
+        return value if penalty is None else value + penalty
+
+    policy.loss = loss  # instance attribute: train.py calls policy.loss(batch)
+
+
+def finetune(config: FinetuneConfig) -> TrainResult:
+    """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring."""
+    from eva_rl.data.trajectories import load_trajectories
+
+    out_dir = Path(config.train.out_dir)
+    if not config.train.data.paths:
+        raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
+                         "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
+    raw = load_trajectories(list(config.train.data.paths), return_scale=config.train.data.return_scale)
+    policy = load_pretrained(config, raw)
+    check_fit(policy, raw)
+    meta = policy.metadata
+    dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
+                                     meta.return_scale)
+    policy.metadata = task_metadata(policy, dataset)
+    spec = methods.get_method(config.method)
+    methods.check_targets(policy, config.method, config.rank, config.target_modules)  # before any work
+
+    torch.manual_seed(config.train.seed)  # LoRA's random A
+    eva_weights, report = None, None
+    if spec.needs_eva:
+        eva_weights, report = run_eva(policy, dataset, config, out_dir)
+    methods.apply_method(policy, config.method, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                         target_modules=config.target_modules, modules_to_save=config.modules_to_save,
+                         total_steps=config.train.steps, eva_weights=eva_weights)
+    info = methods.adapter_info(policy)
+    log.info("%s: %d trainable of %d parameters (%.2f%%).", config.method, info.trainable_params,
+             info.total_params, 100.0 * info.trainable_params / info.total_params)
+    if spec.uses_rank_schedule:
+        _add_orthogonality_penalty(policy)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(config, out_dir / "config.yaml")
+
+    def save(trained: nn.Module) -> None:
+        extra = {"checkpoint": str(Path(config.checkpoint).resolve()), "task": list(dataset.task_names),
+                 "metadata": trained.metadata.to_dict()}
+        methods.save_adapter(trained, out_dir / "adapter", extra=extra)
+        if config.merge:
+            methods.save_merged(trained, out_dir / "merged")
+
+    eva_seconds = report.seconds if report is not None else _saved_eva_seconds(out_dir)
+    task = dataset.task_names[0] if len(dataset.task_names) == 1 else ",".join(dataset.task_names)
+    run_info = RunInfo(kind="finetune", task=task, method=config.method,
+                       rank=None if spec.build_config is None else config.rank, eva_seconds=eva_seconds)
+    return train(config.train, policy=policy, dataset=dataset, on_step=methods.step_hook(policy),
+                 run_info=run_info, on_end=save)
+
+
+def _saved_eva_seconds(out_dir: Path) -> float | None:
+    import json
+
+    path = out_dir / "eva_report.json"
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else None

@@ -1,0 +1,142 @@
+"""`eva-rl finetune`: checkpoint + task data -> method -> train -> adapter, merged model, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import DecisionTransformerModel
+
+from eva_rl.cli import main
+from eva_rl.config import load_config
+from eva_rl.data.collect import CollectConfig, collect_task
+from eva_rl.data.trajectories import load_trajectories
+from eva_rl.finetune import FinetuneConfig, finetune
+from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+
+TASK = "Pendulum-v1"  # obs 3, act 1: cheap to collect and to evaluate
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("finetune")
+    pre = collect_task(TASK, CollectConfig(policy="random", noise=0.0, episodes=4, seed=1, horizon=24,
+                                           out=str(root / "pre")))
+    task = collect_task(TASK, CollectConfig(policy="random", noise=0.0, episodes=8, seed=2, horizon=24,
+                                            out=str(root / "task")))
+    config = PolicyConfig.from_preset("tiny", state_dim=3, act_dim=1, hidden_size=16, n_layer=1, n_head=2,
+                                      context_length=4, max_ep_len=64, dropout=0.0)
+    torch.manual_seed(0)
+    policy = DecisionTransformerPolicy(config, PolicyMetadata.from_dataset(load_trajectories(pre.path)))
+    policy.save_pretrained(root / "pretrained")
+    policy.model.save_pretrained(root / "plain")  # a bare DecisionTransformerModel dir
+    return {"root": root, "data": str(task.path), "checkpoint": str(root / "pretrained"), "plain": str(root / "plain")}
+
+
+def overrides(setup: dict, out: Path, **extra) -> list[str]:
+    keys = {"checkpoint": setup["checkpoint"], "train.data.paths": f"[{setup['data']}]", "train.out_dir": str(out),
+            "train.steps": 6, "train.batch_size": 8, "train.eval_every": 6, "train.eval_episodes": 2,
+            "train.eval_num_envs": 2, "train.eval_horizon": 8, "train.val_every": 3, "train.val_batches": 2,
+            "train.log_every": 2, "train.checkpoint_every": 3, "train.progress": False, "train.data.val_fraction": 0.25,
+            "train.optim.warmup_steps": 1, "eva.batch_size": 8, "eva.max_batches": 10, "rank": 2, **extra}
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def window_batch(setup: dict, context: int = 4) -> dict:
+    data = load_trajectories(setup["data"])
+    policy = DecisionTransformerPolicy.from_pretrained(setup["checkpoint"])
+    data = data.with_normalization(policy.metadata.state_mean_array, policy.metadata.state_std_array,
+                                   policy.metadata.return_scale)
+    import numpy as np
+
+    return data.sample(6, context, generator=np.random.default_rng(0))
+
+
+def test_eva_finetune_writes_adapter_merged_model_report_and_metrics(setup, tmp_path) -> None:
+    out = tmp_path / "eva"
+    config = load_config(FinetuneConfig, None, overrides(setup, out, method="eva", merge="true"))
+    result = finetune(config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kind"] == "finetune" and metrics["method"] == "eva" and metrics["task"] == TASK
+    assert metrics["rank"] == 2 and metrics["eva_seconds"] > 0 and metrics["train_seconds"] > 0
+    assert [s for s, _ in metrics["train_loss"]] == [2, 4, 6]
+    assert [s for s, _ in metrics["val_action_error"]] == [3, 6]
+    assert [e["step"] for e in metrics["eval"]] == [6] and metrics["final"]["success_rate"] is not None
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    report = json.loads((out / "eva_report.json").read_text())
+    assert set(report["ranks"].values()) == {2} and (out / "eva_ranks.png").exists()
+    assert load_config(FinetuneConfig, out / "config.yaml") == config
+
+    batch = window_batch(setup)
+    trained = result.policy.eval()
+    expected = trained(batch)
+    base = DecisionTransformerModel.from_pretrained(setup["checkpoint"])
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    plain = DecisionTransformerPolicy.from_pretrained(setup["checkpoint"])
+    plain.model = adapted
+    assert torch.allclose(plain(batch), expected, atol=1e-5)
+    merged = DecisionTransformerPolicy.from_pretrained(out / "merged")
+    assert TASK in merged.metadata.tasks
+    assert torch.allclose(merged(batch), expected, atol=1e-5)
+    assert json.loads((out / "adapter" / "eva_rl_adapter.json").read_text())["method"] == "eva"
+
+
+def test_resume_reuses_eva_components(setup, tmp_path) -> None:
+    out = tmp_path / "resume"
+    finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{"train.eval_every": 0})))
+    first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    (out / "metrics.json").unlink()
+    result = finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{
+        "train.eval_every": 0, "train.resume": "true", "eva.seed": 5})))  # another seed would give other A
+    assert result.metrics["eva_seconds"] is not None
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first
+
+
+def test_zero_steps_writes_the_initial_adapter_and_evaluates_the_unchanged_policy(setup, tmp_path) -> None:
+    out = tmp_path / "zero"
+    result = finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="pissa", **{"train.steps": 0})))
+    assert result.metrics["eval"][0]["step"] == 0
+    batch = window_batch(setup)
+    base = DecisionTransformerPolicy.from_pretrained(setup["checkpoint"])
+    expected = base(batch)
+    base.model = PeftModel.from_pretrained(base.model, out / "adapter").eval()
+    assert torch.allclose(base(batch), expected, atol=1e-5)
+
+
+def test_cli_adalora_from_yaml_and_a_plain_checkpoint(setup, tmp_path, capsys) -> None:
+    yaml_file = tmp_path / "ft.yaml"
+    yaml_file.write_text(yaml.safe_dump({"method": "adalora", "train": {"steps": 6, "eval_every": 0}}))
+    out = tmp_path / "ada"
+    args = overrides(setup, out, checkpoint=setup["plain"], **{"train.eval_every": 0})
+    assert main(["finetune", str(yaml_file), *args]) == 0
+    assert "adalora on Pendulum-v1" in capsys.readouterr().out
+    meta = json.loads((out / "adapter" / "eva_rl_adapter.json").read_text())
+    assert meta["method"] == "adalora"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["total_step"] == 6
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("method", "qlora", "Known methods: fft, lora"),
+    ("rank", "64", "above the width"),
+    ("target_modules", "[q_proj]", "matches no Linear/Conv1D"),
+    ("eva.tokens", "[reward]", "eva.tokens"),
+])
+def test_bad_input_fails_before_any_work(setup, tmp_path, capsys, key, value, message) -> None:
+    out = tmp_path / "bad"
+    assert main(["finetune", *overrides(setup, out, **{"method": "eva", key: value})]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() and not (out / "eva").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_data(setup, tmp_path, capsys) -> None:
+    config = PolicyConfig.from_preset("tiny", state_dim=5, act_dim=1, hidden_size=16, n_layer=1, n_head=2,
+                                      context_length=4, max_ep_len=64)
+    DecisionTransformerPolicy(config, PolicyMetadata(state_mean=[0.0] * 5, state_std=[1.0] * 5)).save_pretrained(
+        tmp_path / "wide")
+    assert main(["finetune", *overrides(setup, tmp_path / "out", checkpoint=str(tmp_path / "wide"))]) == 2
+    assert "takes states of 5 and actions of 1 dims but the dataset has 3 and 1" in capsys.readouterr().err
