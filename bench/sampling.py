@@ -95,6 +95,10 @@ def loop_batch(
     }
 
 
+def batch_layout(batch: dict) -> dict:
+    return {key: (tuple(value.shape), value.dtype) for key, value in batch.items()}
+
+
 def length_weights(episodes: list) -> np.ndarray:
     lengths = np.array([len(ep.rewards) for ep in episodes], dtype=np.float64)
     return lengths / lengths.sum()
@@ -159,8 +163,9 @@ def main() -> None:
             args.seconds,
         )
         ours, reference = rates["ours"], rates["reference"]
-        layout = {key: (tuple(v.shape), v.dtype) for key, v in data.sample(BATCH, CONTEXT).items()}
-        assert layout == {key: (tuple(v.shape), v.dtype) for key, v in loop_batch(episodes, rtgs, weights, rng, mean, std).items()}
+        ours_layout = batch_layout(data.sample(BATCH, CONTEXT))
+        loop_layout = batch_layout(loop_batch(episodes, rtgs, weights, rng, mean, std))
+        assert ours_layout == loop_layout, (ours_layout, loop_layout)  # both sides build the same batch
 
         def from_disk() -> dict:
             sampled = dataset.sample_episodes(min(BATCH, len(dataset)))  # read from HDF5 every batch

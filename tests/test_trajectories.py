@@ -14,7 +14,9 @@ import torch
 from eva_rl.data.trajectories import TrajectoryDataset, load_trajectories
 
 
-def make_episode(length: int, obs_dim: int = 2, act_dim: int = 1, *, value: float = 0.0, task: str | None = None) -> dict:
+def make_episode(
+    length: int, obs_dim: int = 2, act_dim: int = 1, *, value: float = 0.0, task: str | None = None
+) -> dict:
     """obs[t] = [t, 10 t, ...] + value, actions[t] = t + value, rewards[t] = t + 1 + value; T+1 observations."""
     t = np.arange(length + 1, dtype=np.float32)
     observations = t[:, None] * (10.0 ** np.arange(obs_dim, dtype=np.float32)) + value
@@ -275,7 +277,7 @@ def test_split_by_whole_episodes_per_task_with_the_same_normalisation():
 
 
 def test_tasks_of_different_widths_are_zero_padded_with_true_dims_kept():
-    episodes = [make_episode(4, obs_dim=3, act_dim=1, task="narrow"), make_episode(5, obs_dim=5, act_dim=2, task="wide")]
+    episodes = [make_episode(4, 3, 1, task="narrow"), make_episode(5, 5, 2, task="wide")]
     data = TrajectoryDataset.from_episodes(episodes, ["narrow", "wide"])
     assert (data.state_dim, data.act_dim) == (5, 2)
     assert data.obs_dims == (3, 5) and data.act_dims == (1, 2)
@@ -346,7 +348,7 @@ def test_truncated_hdf5_file(minari_root: Path):
     directory = write_minari(minari_root, "eva-rl/cut-v0", [make_episode(20), make_episode(20)])
     file = directory / "data" / "main_data.hdf5"
     os.truncate(file, file.stat().st_size // 2)
-    with pytest.raises(ValueError, match=r"Cannot read .*main_data\.hdf5: it is truncated or corrupted.*collect it again"):
+    with pytest.raises(ValueError, match=r"Cannot read .*main_data\.hdf5: it is truncated or corrupted.*again"):
         load_trajectories(directory)
 
 

@@ -217,7 +217,8 @@ class TrajectoryDataset:
         self.timesteps = np.arange(self.num_steps, dtype=np.int64) - self.episode_starts[self._step_episode]
         self.returns_to_go, self.episode_returns = _returns_to_go(self.rewards, self.episode_starts, self._step_episode)
         self.episode_success = np.logical_or.reduceat(self.success, self.episode_starts)
-        self._task_steps, self._task_offsets = _steps_by_task(self.episode_tasks[self._step_episode], len(self.task_names))
+        step_tasks = self.episode_tasks[self._step_episode]  # (N,)
+        self._task_steps, self._task_offsets = _steps_by_task(step_tasks, len(self.task_names))
 
         self.state_mean, self.state_std = _state_stats(self.observations, state_mean, state_std)
         self.return_scale = _check_return_scale(return_scale)
