@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from eva_rl.envs import expert_policy, make_env, resolve_tasks
+from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy
 
 REFERENCE_KINDS = ("expert", "random")
@@ -348,8 +348,9 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
         ep_success = np.zeros(n_envs, dtype=bool)
         finished: dict[tuple[int, int], tuple[float, int, bool]] = {}
         frames: list[np.ndarray] | None = [] if video_path is not None else None
+        flip = task_spec(task).family == "metaworld"
         if frames is not None:
-            frames.append(envs.envs[0].render())
+            frames.append(_frame(envs.envs[0], flip))
         env_steps = 0
         # envs that met their quota keep stepping (a vector env steps all) with ignored actions
         idle_action = np.clip(np.zeros(act_dim, dtype=np.float32), low, high)
@@ -366,7 +367,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
             ep_success[ids] |= step_success[ids]
             env_steps += len(ids)
             if frames is not None and done_count[0] == 0 and ep_length[0] % video_every == 0:
-                frames.append(envs.envs[0].render())
+                frames.append(_frame(envs.envs[0], flip))
             done = terminated | truncated
             for i in np.flatnonzero(done & active):
                 finished[(i, int(done_count[i]))] = (float(ep_return[i]), int(ep_length[i]), bool(ep_success[i]))
@@ -413,9 +414,13 @@ def _select_gl_backend() -> None:
         os.environ["MUJOCO_GL"] = "egl" if torch.cuda.is_available() else "osmesa"
 
 
-def _render_size(task: str) -> dict[str, int]:
-    from eva_rl.envs import task_spec
+def _frame(env: Any, flip: bool) -> np.ndarray:
+    frame = np.asarray(env.render())
+    # Meta-World's offscreen camera images come out upside down
+    return np.ascontiguousarray(frame[::-1]) if flip else frame
 
+
+def _render_size(task: str) -> dict[str, int]:
     # 240 x 240 keeps OSMesa at a few frames per second; Gymnasium's MuJoCo envs take the same kwargs
     return {"width": 240, "height": 240} if task_spec(task).family in ("metaworld", "mujoco") else {}
 
