@@ -115,7 +115,8 @@ class EvalResult:
     suite: dict[str, dict[str, float]]  # measure -> summary over all episodes
     settings: dict[str, Any] = field(default_factory=dict)  # agent, seed, episodes, num_envs, targets, ...
     env_steps: int = 0  # steps taken in all envs (episodes' steps only)
-    seconds: float = 0.0  # wall-clock time of the rollouts
+    seconds: float = 0.0  # wall-clock time of the rollouts (acting and stepping, not building the envs)
+    build_seconds: float = 0.0  # wall-clock time spent building and closing the envs
 
     @property
     def success_rate(self) -> float:
@@ -127,7 +128,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "suite": self.suite, "tasks": self.tasks, "env_steps": self.env_steps,
-                "seconds": self.seconds, "episodes": [r.to_dict() for r in self.episodes]}
+                "seconds": self.seconds, "build_seconds": self.build_seconds,
+                "episodes": [r.to_dict() for r in self.episodes]}
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write everything as JSON, atomically (temporary file + rename)."""
@@ -142,7 +144,7 @@ class EvalResult:
         data = json.loads(Path(path).read_text())
         return cls(episodes=[EpisodeRecord.from_dict(r) for r in data["episodes"]], tasks=data["tasks"],
                    suite=data["suite"], settings=data.get("settings", {}), env_steps=int(data.get("env_steps", 0)),
-                   seconds=float(data.get("seconds", 0.0)))
+                   seconds=float(data.get("seconds", 0.0)), build_seconds=float(data.get("build_seconds", 0.0)))
 
     def describe(self) -> str:
         """A plain-text table: one row per task, then the suite."""
@@ -290,25 +292,26 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
 
         bar = tqdm(total=episodes * len(tasks), desc="evaluate", unit="episode")
     records: list[EpisodeRecord] = []
-    env_steps = 0
+    env_steps, rollout_seconds = 0, 0.0
     start = time.perf_counter()
     try:
         for task in tasks:
-            task_records, steps = _rollout_task(
+            task_records, steps, seconds = _rollout_task(
                 agent, task, episodes, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
                 video_path=Path(video_dir) / f"{task}.mp4" if video_dir is not None else None,
                 video_every=video_every, check_spaces=check_spaces, bar=bar)
             records.extend(task_records)
             env_steps += steps
+            rollout_seconds += seconds
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
+    total_seconds = time.perf_counter() - start
     per_task, suite = aggregate(records, seed=seed)
     settings = {**settings, "tasks": list(tasks), "episodes": episodes, "seed": seed, "num_envs": n_envs,
                 "horizon": horizon, "asynchronous": asynchronous}
     return EvalResult(episodes=records, tasks=per_task, suite=suite, settings=settings, env_steps=env_steps,
-                      seconds=seconds)
+                      seconds=rollout_seconds, build_seconds=total_seconds - rollout_seconds)
 
 
 def _vector_env(task: str, seed: int, n_envs: int, *, horizon: int | None, asynchronous: bool,
@@ -327,8 +330,10 @@ def _vector_env(task: str, seed: int, n_envs: int, *, horizon: int | None, async
 
 def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: int, *, horizon: int | None,
                   asynchronous: bool, video_path: Path | None, video_every: int,
-                  check_spaces: Callable[..., None] | None, bar: Any) -> tuple[list[EpisodeRecord], int]:
-    """All `episodes` episodes of one task; returns their records (env-major order) and the steps taken."""
+                  check_spaces: Callable[..., None] | None,
+                  bar: Any) -> tuple[list[EpisodeRecord], int, float]:
+    """All `episodes` episodes of one task: their records (env-major order), the steps taken, and
+    the seconds spent rolling out (from the first reset to the last step)."""
     quota = np.array([(episodes + i) // n_envs for i in range(n_envs)])  # even split, sums to `episodes`
     if video_path is not None:
         _select_gl_backend()
@@ -341,6 +346,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
         act_dim = act_space.shape[0]
         low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
         agent.start(task, n_envs, act_space)
+        start = time.perf_counter()
         obs, _ = envs.reset()
         done_count = np.zeros(n_envs, dtype=np.int64)
         ep_return = np.zeros(n_envs, dtype=np.float64)
@@ -384,6 +390,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
                 restart = np.flatnonzero(done & (done_count < quota))
                 if len(restart):
                     agent.reset(restart)
+        seconds = time.perf_counter() - start
     finally:
         envs.close()
     records = []
@@ -392,7 +399,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
             ret, length, success = finished[(i, k)]
             records.append(EpisodeRecord(task=task, episode=len(records), env=i, seed=seed + i,
                                          episode_return=ret, length=length, success=success))
-    return records, env_steps
+    return records, env_steps, seconds
 
 
 def _info_flags(info: Mapping[str, Any], key: str, n_envs: int) -> np.ndarray:

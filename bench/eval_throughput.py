@@ -1,0 +1,142 @@
+"""Evaluation throughput: env steps/s of `eva_rl.evaluate` with 16 envs vs a sequential loop.
+
+    python bench/eval_throughput.py [--task reach-v3] [--horizon 100] [--num-envs 16] [--threads 1]
+
+All in one run, on the same task, horizon and `small`-preset policy (random weights: speed does
+not depend on them):
+
+- ours (the value): `evaluate(policy, task, episodes=num_envs, num_envs=num_envs)`, fp32: one
+  batched incremental `act` per vector step (cached token embeddings and block-0 projections,
+  only the last state token's path through the last block);
+- reference: the sequential loop people write from the transformers example: one env, and
+  at every step one full-context `DecisionTransformerModel` forward on the last K steps;
+- also: the same evaluation with bf16 inference (autocast; fast only on GPUs and on CPUs with
+  AVX512-BF16/AMX, emulated and slow elsewhere: the script prints the CPU capability), and the
+  scripted expert stepping the same envs alone (the simulator's own limit; ratio_to_expert <= 1).
+
+Env construction is not timed (Meta-World builds 50 task variants per env, about 2 s each).
+Ends with one JSON line: {"bench": "eval_throughput", "value", "unit", "reference", "ratio", "target", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+
+from eva_rl.envs import make_env  # noqa: E402
+from eva_rl.evaluate import evaluate, evaluate_reference  # noqa: E402
+from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata  # noqa: E402
+
+
+def build_policy(task: str, obs_dim: int, act_dim: int, target: float) -> DecisionTransformerPolicy:
+    torch.manual_seed(0)
+    config = PolicyConfig.from_preset("small", state_dim=obs_dim, act_dim=act_dim, max_ep_len=1000)
+    metadata = PolicyMetadata(state_mean=np.zeros(obs_dim), state_std=np.ones(obs_dim), return_scale=1000.0,
+                              tasks=(task,), target_returns={task: target}, obs_dims=(obs_dim,), act_dims=(act_dim,))
+    return DecisionTransformerPolicy(config, metadata).eval()
+
+
+@torch.no_grad()
+def sequential_steps_per_second(policy: DecisionTransformerPolicy, task: str, horizon: int, episodes: int,
+                                target: float) -> tuple[float, int]:
+    """One env; every step: the left-padded last-K window as tensors, one full forward, last action."""
+    k, meta = policy.config.context_length, policy.metadata
+    mean, std = torch.tensor(meta.state_mean_array), torch.tensor(meta.state_std_array)
+    env = make_env(task, 0, horizon=horizon)
+    steps, seconds = 0, 0.0
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        start = time.perf_counter()
+        states = [(torch.as_tensor(obs) - mean) / std]
+        actions: list[torch.Tensor] = []
+        rtg = [target / meta.return_scale]
+        done = False
+        while not done:
+            n = len(states)
+            lo, w = max(0, n - k), min(n, k)
+            pad = k - w
+            batch = {
+                "states": torch.cat([torch.zeros(pad, policy.config.state_dim), torch.stack(states[lo:])])[None],
+                "actions": torch.cat([torch.zeros(pad + w, policy.config.act_dim)]
+                                     if not actions else
+                                     [torch.zeros(pad, policy.config.act_dim), torch.stack(actions[lo:]),
+                                      torch.zeros(1, policy.config.act_dim)])[None],
+                "returns_to_go": torch.cat([torch.zeros(pad), torch.tensor(rtg[lo:])])[None, :, None],
+                "timesteps": torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(lo, n)])[None],
+                "attention_mask": torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(w, dtype=torch.long)])[None],
+            }
+            action = policy(batch)[0, -1]
+            obs, reward, terminated, truncated, _ = env.step(action.numpy())
+            done = terminated or truncated
+            actions.append(action)
+            states.append((torch.as_tensor(obs) - mean) / std)
+            rtg.append(rtg[-1] - float(reward) / meta.return_scale)
+            steps += 1
+        seconds += time.perf_counter() - start
+    env.close()
+    return steps / seconds, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="reach-v3")
+    parser.add_argument("--horizon", type=int, default=100, help="steps per episode")
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--sequential-episodes", type=int, default=2)
+    parser.add_argument("--bf16-horizon", type=int, default=20,
+                        help="shorter episodes for the bf16 run (slow where the CPU emulates bf16); 0 skips it")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a shared 2-core machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    probe = make_env(args.task, 0, horizon=args.horizon)
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    probe.close()
+    target = 1000.0
+    policy = build_policy(args.task, obs_dim, act_dim, target)
+    n = args.num_envs
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"task {args.task}, horizon {args.horizon}, policy small ({sum(p.numel() for p in policy.parameters())} params, "
+          f"K={policy.config.context_length})")
+
+    seq, seq_steps = sequential_steps_per_second(policy, args.task, args.horizon, args.sequential_episodes, target)
+    print(f"sequential, 1 env, full forward per step, fp32: {seq:8.1f} steps/s  ({seq_steps} steps)")
+
+    ours = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
+    ours_rate = ours.env_steps / ours.seconds
+    print(f"evaluate, {n} envs, incremental act, fp32:      {ours_rate:8.1f} steps/s  ({ours.env_steps} steps, "
+          f"{ours.build_seconds:.1f} s building envs, not counted)")
+
+    expert = evaluate_reference("expert", args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
+    expert_rate = expert.env_steps / expert.seconds
+    print(f"scripted expert alone, {n} envs:                  {expert_rate:8.1f} steps/s")
+
+    bf16_rate = None
+    if args.bf16_horizon:
+        bf16 = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.bf16_horizon, bf16=True)
+        bf16_rate = bf16.env_steps / bf16.seconds
+        print(f"evaluate, {n} envs, incremental act, bf16:      {bf16_rate:8.1f} steps/s  "
+              f"(horizon {args.bf16_horizon})")
+
+    print(json.dumps({
+        "bench": "eval_throughput", "value": round(ours_rate, 1), "unit": "steps/s", "reference": round(seq, 1),
+        "ratio": round(ours_rate / seq, 2), "target": 3,
+        "bf16": None if bf16_rate is None else round(bf16_rate, 1),
+        "expert": round(expert_rate, 1), "ratio_to_expert": round(ours_rate / expert_rate, 3),
+        "task": args.task, "num_envs": n, "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
