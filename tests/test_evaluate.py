@@ -110,6 +110,8 @@ def test_reference_agents_use_the_same_protocol():
     random_a = evaluate_reference("random", PENDULUM, episodes=4, seed=1, num_envs=4, horizon=6)
     random_b = evaluate_reference("random", PENDULUM, episodes=4, seed=1, num_envs=4, horizon=6)
     assert returns(random_a) == returns(random_b)
+    in_processes = evaluate_reference("random", PENDULUM, episodes=4, seed=1, num_envs=4, horizon=6, asynchronous=True)
+    assert returns(in_processes) == returns(random_a)
     assert [r.seed for r in random_a.episodes] == [1, 2, 3, 4] and random_a.settings["agent"] == "random"
     with pytest.raises(ValueError, match="Unknown reference agent 'oracle'"):
         evaluate_reference("oracle", PENDULUM, 1, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -271,7 +272,9 @@ def test_bf16_act_is_close_to_fp32():
     policy = make_policy()
     obs = np.random.default_rng(0).standard_normal((2, STATE_DIM)).astype(np.float32)
     fp32 = policy.act(policy.start_rollout(2, 5.0), obs)
-    bf16 = policy.act(policy.start_rollout(2, 5.0, bf16=True), obs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # emulated bf16 on CPUs without AVX512-BF16
+        bf16 = policy.act(policy.start_rollout(2, 5.0, bf16=True), obs)
     np.testing.assert_allclose(bf16, fp32, atol=0.05)
 
 
@@ -286,3 +289,30 @@ def test_act_errors():
         ctx.step(np.zeros((1, 3)), np.zeros(1), env_ids=[5])
     with pytest.raises(ValueError, match="NaN or inf"):
         policy.act(ctx, np.full((2, 6), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_incremental_act_matches_full_forward_with_peft_adapters(use_dora):
+    """Adapters replace the Conv1D layers: act must go through them, not the base weights."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = make_policy(n_layer=2)
+    before = policy.act(policy.start_rollout(1, 5.0), np.ones((1, STATE_DIM), np.float32))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+                        init_lora_weights=False, use_dora=use_dora, fan_in_fan_out=True)  # random B
+    policy.model = get_peft_model(policy.model, config)
+    policy.eval()
+    ctx = policy.start_rollout(1, 5.0)
+    history = {"obs": [], "actions": [], "rewards": [], "rtg": []}
+    rng = np.random.default_rng(0)
+    for t in range(7):
+        obs = rng.standard_normal((1, STATE_DIM)).astype(np.float32)
+        action = policy.act(ctx, obs)
+        if t == 0:
+            assert np.abs(action - before).max() > 1e-4
+        history["obs"].append(obs[0])
+        history["rtg"].append(5.0 - sum(history["rewards"]))
+        np.testing.assert_allclose(action[0], full_forward_action(policy, history), atol=1e-5)
+        history["actions"].append(action[0])
+        history["rewards"].append(1.0)
+        ctx.step(action, np.ones(1, np.float32))
