@@ -73,7 +73,8 @@ def sequential_steps_per_second(policy: DecisionTransformerPolicy, task: str, ho
                                       torch.zeros(1, policy.config.act_dim)])[None],
                 "returns_to_go": torch.cat([torch.zeros(pad), torch.tensor(rtg[lo:])])[None, :, None],
                 "timesteps": torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(lo, n)])[None],
-                "attention_mask": torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(w, dtype=torch.long)])[None],
+                "attention_mask": torch.cat([torch.zeros(pad, dtype=torch.long),
+                                             torch.ones(w, dtype=torch.long)])[None],
             }
             action = policy(batch)[0, -1]
             obs, reward, terminated, truncated, _ = env.step(action.numpy())
@@ -107,8 +108,8 @@ def main() -> None:
     n = args.num_envs
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"task {args.task}, horizon {args.horizon}, policy small ({sum(p.numel() for p in policy.parameters())} params, "
-          f"K={policy.config.context_length})")
+    params = sum(p.numel() for p in policy.parameters())
+    print(f"task {args.task}, horizon {args.horizon}, policy small ({params} params, K={policy.config.context_length})")
 
     seq, seq_steps = sequential_steps_per_second(policy, args.task, args.horizon, args.sequential_episodes, target)
     print(f"sequential, 1 env, full forward per step, fp32: {seq:8.1f} steps/s  ({seq_steps} steps)")

@@ -98,6 +98,8 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", default=None, metavar="DIR", help="record each task's first episode as DIR/<task>.mp4")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 inference")
     parser.add_argument("--async", dest="asynchronous", action="store_true", help="one process per env")
+    parser.add_argument("--base", default=None, metavar="DIR",
+                        help="pretrained checkpoint an adapter MODEL_DIR applies to (default: the one it recorded)")
     parser.add_argument("--device", default="cpu", help="torch device of the policy")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -122,7 +124,7 @@ def _parse_target_returns(items: Sequence[str]) -> float | dict[str, float] | No
 
 @command("evaluate", _evaluate_args)
 def _evaluate(args: argparse.Namespace) -> int:
-    from eva_rl.evaluate import evaluate, evaluate_reference
+    from eva_rl.evaluate import evaluate, evaluate_reference, load_policy
 
     common = dict(num_envs=args.num_envs, horizon=args.horizon, asynchronous=args.asynchronous,
                   video_dir=args.video, progress=args.progress)
@@ -135,9 +137,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         if args.model_dir is None:
             raise ValueError("Name the checkpoint to evaluate (eva-rl evaluate MODEL_DIR) or pass --reference expert|random.")
-        from eva_rl.policy import DecisionTransformerPolicy
-
-        policy = DecisionTransformerPolicy.from_pretrained(args.model_dir, device=args.device)
+        policy = load_policy(args.model_dir, base=args.base, device=args.device)
         tasks = args.tasks or list(policy.metadata.tasks)
         if not tasks:
             raise ValueError(f"The checkpoint {args.model_dir!r} names no tasks; pass --tasks.")

@@ -18,7 +18,6 @@ Aggregates (per task and over the suite, for success, return and length) come fr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
-from eva_rl.policy import DecisionTransformerPolicy
+from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
 
 REFERENCE_KINDS = ("expert", "random")
 _MEASURES = ("success", "return", "length")
@@ -156,6 +155,50 @@ class EvalResult:
                          f"{m['return']['iqm']:.1f}", f"{m['length']['mean']:.0f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading what to evaluate
+# ------------------------------------------------------------------------------------------------
+
+ADAPTER_INFO_FILE = "eva_rl_adapter.json"  # written next to a PEFT adapter by fine-tuning
+
+
+def load_policy(directory: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                device: str | torch.device | None = None) -> DecisionTransformerPolicy:
+    """The policy in `directory`: a checkpoint (`save_pretrained`), or a fine-tuning adapter
+    directory (PEFT `adapter_config.json`, or a full-fine-tuning `model/` inside) applied to the
+    pretrained checkpoint `base` (default: the one recorded when the adapter was saved). The
+    adapter's saved metadata (its tasks and target returns) replaces the base's."""
+    path = Path(directory)
+    if (path / "config.json").exists():
+        return DecisionTransformerPolicy.from_pretrained(path, device=device)
+    if (path / "model" / "config.json").exists():
+        return DecisionTransformerPolicy.from_pretrained(path / "model", device=device)
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} holds neither a checkpoint (config.json) nor an adapter (adapter_config.json); "
+            f"pass a model/ or merged/ directory of a run, or its adapter/ directory."
+        )
+    info = json.loads((path / ADAPTER_INFO_FILE).read_text()) if (path / ADAPTER_INFO_FILE).exists() else {}
+    if base is None:
+        recorded = info.get("checkpoint") or json.loads((path / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        if not recorded or not Path(recorded).is_dir():
+            raise FileNotFoundError(
+                f"The adapter in {str(path)!r} records its base checkpoint as {recorded!r}, which is not a directory "
+                f"here; pass the pretrained checkpoint with base=... (--base DIR)."
+            )
+        base = recorded
+    from peft import PeftModel
+
+    policy = DecisionTransformerPolicy.from_pretrained(base, device=device)
+    if info.get("metadata"):
+        policy.metadata = PolicyMetadata.from_dict(info["metadata"])
+    policy.model = PeftModel.from_pretrained(policy.model, str(path))
+    if device is not None:
+        policy.to(device)
+    return policy.eval()
 
 
 # ------------------------------------------------------------------------------------------------

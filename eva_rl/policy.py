@@ -371,11 +371,27 @@ class DecisionTransformerPolicy(nn.Module):
         else:
             _check_model_matches(model.config, config)
         self.config = config
-        self.metadata = metadata
         self.model = model
         # non-persistent: they are in eva_rl.json, not in the weights file
         self.register_buffer("state_mean", torch.tensor(metadata.state_mean_array), persistent=False)
         self.register_buffer("state_std", torch.tensor(metadata.state_std_array), persistent=False)
+        self.metadata = metadata
+
+    @property
+    def metadata(self) -> PolicyMetadata:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, metadata: PolicyMetadata) -> None:
+        """Replace the metadata (e.g. add a fine-tuning task); the normalisation buffers follow it."""
+        if metadata.state_dim != self.config.state_dim:
+            raise ValueError(
+                f"Metadata normalises {metadata.state_dim}-dim states but the policy takes "
+                f"state_dim={self.config.state_dim}; they must match."
+            )
+        self.__dict__["_metadata"] = metadata
+        self.state_mean.copy_(torch.as_tensor(metadata.state_mean_array))
+        self.state_std.copy_(torch.as_tensor(metadata.state_std_array))
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -633,7 +649,9 @@ class DecisionTransformerPolicy(nn.Module):
         The policy comes back in eval mode."""
         path = Path(directory)
         if not path.is_dir():
-            raise FileNotFoundError(f"No checkpoint directory at {str(path)!r}; pass a directory made by save_pretrained.")
+            raise FileNotFoundError(
+                f"No checkpoint directory at {str(path)!r}; pass a directory made by save_pretrained."
+            )
         if not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"{str(path)!r} has no config.json, so it is not a DecisionTransformerModel checkpoint."

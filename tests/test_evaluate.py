@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eva_rl.evaluate import (EpisodeRecord, EvalResult, aggregate, evaluate, evaluate_reference,
-                             interquartile_mean, summarize)
+                             interquartile_mean, load_policy, summarize)
 from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
 
 PENDULUM = "Pendulum-v1"  # 3-dim obs, 1-dim action, never terminates: episodes last exactly the horizon
@@ -157,6 +157,32 @@ def test_cli_evaluates_a_checkpoint_and_a_reference(tmp_path, capsys):
     assert "Name the checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "model"), "--target-return", "high"]) == 2
     assert "is not VALUE or TASK=VALUE" in capsys.readouterr().err
+
+
+def test_load_policy_applies_a_saved_adapter_to_its_base(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    policy = pendulum_policy()
+    policy.save_pretrained(tmp_path / "base")
+    policy.model = get_peft_model(policy.model, LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False,
+                                                           fan_in_fan_out=True))
+    policy.metadata = PolicyMetadata(**{**policy.metadata.to_dict(), "target_returns": {PENDULUM: -20.0}})
+    policy.model.save_pretrained(tmp_path / "adapter")
+    info = {"checkpoint": str(tmp_path / "base"), "metadata": policy.metadata.to_dict()}
+    (tmp_path / "adapter" / "eva_rl_adapter.json").write_text(json.dumps(info))
+    loaded = load_policy(tmp_path / "adapter")
+    assert loaded.metadata.target_returns == {PENDULUM: -20.0}
+    obs = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(loaded.act(loaded.start_rollout(2, 0.0), obs),
+                               policy.eval().act(policy.start_rollout(2, 0.0), obs), atol=1e-6)
+    assert load_policy(tmp_path / "base").metadata.target_returns == {PENDULUM: -100.0}
+    info["checkpoint"] = str(tmp_path / "moved")
+    (tmp_path / "adapter" / "eva_rl_adapter.json").write_text(json.dumps(info))
+    with pytest.raises(FileNotFoundError, match="pass the pretrained checkpoint with base="):
+        load_policy(tmp_path / "adapter")
+    assert load_policy(tmp_path / "adapter", base=tmp_path / "base").metadata.target_returns == {PENDULUM: -20.0}
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        load_policy(tmp_path)
 
 
 # -- Meta-World: success flags through the vector env, and video -----------------------------------

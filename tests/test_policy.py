@@ -104,7 +104,8 @@ def test_loss_ignores_padding_steps_and_unused_action_dims():
     batch = make_batch()
     loss = policy.loss(batch)
     pred = policy(batch).detach()
-    mask = batch["attention_mask"][..., None].float() * torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]])[:, None]
+    dims = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]])  # task 0: 3 action dims, task 1: 2
+    mask = batch["attention_mask"][..., None].float() * dims[:, None]
     expected = ((pred - batch["actions"]) ** 2 * mask).sum() / mask.sum()
     torch.testing.assert_close(loss.detach(), expected)
     # targets where the mask is 0 do not matter
@@ -316,3 +317,14 @@ def test_incremental_act_matches_full_forward_with_peft_adapters(use_dora):
         history["actions"].append(action[0])
         history["rewards"].append(1.0)
         ctx.step(action, np.ones(1, np.float32))
+
+
+def test_replacing_metadata_updates_the_normalisation():
+    policy = make_policy()
+    obs = np.ones((1, STATE_DIM), np.float32)
+    before = policy.normalize_observations(obs)
+    policy.metadata = make_metadata(state_mean=np.zeros(STATE_DIM), state_std=np.full(STATE_DIM, 2.0))
+    torch.testing.assert_close(policy.normalize_observations(obs), torch.full((1, STATE_DIM), 0.5))
+    assert not torch.equal(before, policy.normalize_observations(obs))
+    with pytest.raises(ValueError, match="5-dim states but the policy takes state_dim=6"):
+        policy.metadata = PolicyMetadata(state_mean=np.zeros(5), state_std=np.ones(5))
