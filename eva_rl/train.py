@@ -573,7 +573,7 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     if trainable == 0:
         raise ValueError("No parameter of the policy has requires_grad=True: nothing to train.")
     optimizer = torch.optim.AdamW(parameter_groups(policy, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=tuple(config.optim.betas), fused=device.type == "cuda")
+                                  betas=tuple(config.optim.betas), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, config.optim.warmup_steps, config.steps, config.optim.min_lr_ratio))
     generator = np.random.default_rng([config.seed, ddp.rank])

@@ -296,11 +296,16 @@ def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_dat
         "data:\n  paths: [" + ", ".join(metaworld_datasets) + "]\n  return_scale: 100.0\n"
         "policy: {preset: tiny, hidden_size: 32, n_layer: 1, n_head: 1, context_length: 5, max_ep_len: 64}\n"
         "optim: {lr: 1e-3, warmup_steps: 20}\nsteps: 250\nbatch_size: 16\nlog_every: 50\n"
-        "checkpoint_every: 125\nprogress: false\n")
+        "checkpoint_every: 125\nprogress: false\n"
+        "eval_every: 250\neval_episodes: 1\neval_num_envs: 2\neval_horizon: 10\n")
     assert main(["pretrain", str(tmp_path / "pretrain.yaml"), f"out_dir={out}", "policy.dropout=0.0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [v for _, v in metrics["train_loss"]]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
+    # one evaluation, at the last update, on both training tasks
+    assert [entry["step"] for entry in metrics["eval"]] == [250]
+    assert 0.0 <= metrics["final"]["success_rate"] <= 1.0 and metrics["final"]["return_mean"] is not None
+    assert set(metrics["eval"][0]) == {"step", "success_rate", "success_stderr", "return_mean", "return_stderr"}
     config = load_config(TrainConfig, out / "config.yaml")
     assert config.steps == 250 and config.policy.dropout == 0.0 and config.out_dir == str(out)
     assert (out / "model" / "config.json").is_file()

@@ -1,0 +1,216 @@
+"""Training throughput: eva-rl's loop against d3rlpy's DecisionTransformer on the same data.
+
+Measures, in one run, on the same synthetic Meta-World-shaped data (obs 39, act 4):
+  * eva-rl `train()` updates/s with the `small` preset (hidden 128, 3 layers, 4 heads, K 20),
+    batch 64, in fp32 and in bf16 autocast;
+  * d3rlpy's DecisionTransformer of the same size (hidden 128, 3 layers, 4 heads, K 20, batch 64)
+    in its own virtual environment (d3rlpy pins its own gymnasium), run as a subprocess;
+  * that bf16's loss curve follows fp32's (same seed, same batches);
+  * achieved model FLOP/s (matmul FLOPs of one forward, counted by torch's FlopCounterMode, x3
+    for forward + backward) against the best plain matmul FLOP/s of this machine per dtype.
+Ends with one JSON line: {"bench": "train_throughput", "value": eva-rl updates/s at precision
+"auto", "unit": "updates/s", "reference": d3rlpy updates/s, "ratio": value / reference, "target": 1.5}.
+
+    python bench/train_throughput.py [--threads N] [--timed-steps 30] [--curve-steps 300]
+
+The first run creates the d3rlpy venv under ~/.cache/eva-rl (pip, a few minutes); later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eva_rl.config import load_config
+from eva_rl.data.trajectories import TrajectoryDataset
+from eva_rl.train import TrainConfig, build_policy, cpu_supports_bf16, resolve_precision, train
+
+OBS_DIM, ACT_DIM, EPISODES, LENGTH = 39, 4, 50, 200
+HIDDEN, LAYERS, HEADS, CONTEXT, BATCH = 128, 3, 4, 20, 64
+VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "eva-rl" / "bench-d3rlpy-venv"
+D3RLPY_REQUIREMENTS = ["torch==2.13.0", "d3rlpy==2.8.1"]
+
+D3RLPY_SCRIPT = r'''
+import json, sys, time
+import numpy as np, torch, d3rlpy
+path, threads, warmup, timed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+data = np.load(path)
+dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
+                                    data["terminals"], data["timeouts"])
+hidden, layers, heads, context, batch = (int(v) for v in data["shape"])
+algo = d3rlpy.algos.DecisionTransformerConfig(
+    batch_size=batch, context_size=context, num_heads=heads, num_layers=layers, max_timestep=1000,
+    encoder_factory=d3rlpy.models.VectorEncoderFactory([hidden], exclude_last_activation=True),
+).create(device="cpu:0")
+stamps = {}
+steps = warmup + timed
+algo.fit(dataset, n_steps=steps, n_steps_per_epoch=steps, logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+         show_progress=False, callback=lambda algo, epoch, step: stamps.__setitem__(step, time.perf_counter()))
+params = sum(p.numel() for p in algo.impl.modules.transformer.parameters())
+print(json.dumps({"updates_per_second": timed / (stamps[steps] - stamps[warmup]), "params": params}))
+'''
+
+
+def synthetic_episodes(seed: int = 0) -> list[dict]:
+    """Meta-World-shaped episodes: smooth random observations, actions a fixed function of them."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(OBS_DIM, ACT_DIM)).astype(np.float32) / np.sqrt(OBS_DIM)
+    episodes = []
+    for _ in range(EPISODES):
+        obs = np.cumsum(rng.normal(scale=0.1, size=(LENGTH + 1, OBS_DIM)), axis=0).astype(np.float32)
+        episodes.append({"observations": obs, "actions": np.tanh(obs[:-1] @ weight),
+                         "rewards": rng.random(LENGTH).astype(np.float32),
+                         "terminations": np.zeros(LENGTH, bool),
+                         "truncations": np.eye(1, LENGTH, LENGTH - 1, dtype=bool)[0]})
+    return episodes
+
+
+def ensure_d3rlpy_venv() -> Path:
+    """A clean venv with d3rlpy and the CPU torch wheel (not --system-site-packages: d3rlpy pins gymnasium)."""
+    python = VENV / "bin" / "python"
+    ready = VENV / ".eva-rl-ready"
+    if not ready.exists():
+        print(f"creating the d3rlpy venv in {VENV} (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *D3RLPY_REQUIREMENTS], check=True)
+        ready.write_text(" ".join(D3RLPY_REQUIREMENTS) + "\n")
+    return python
+
+
+def run_d3rlpy(episodes: list[dict], threads: int, warmup: int, timed: int, workdir: Path) -> dict:
+    """d3rlpy's updates/s on the same episodes, in its own venv."""
+    python = ensure_d3rlpy_venv()
+    path = workdir / "episodes.npz"
+    timeouts = np.concatenate([ep["truncations"] for ep in episodes]).astype(np.float32)
+    np.savez(path, observations=np.concatenate([ep["observations"][:-1] for ep in episodes]),
+             actions=np.concatenate([ep["actions"] for ep in episodes]),
+             rewards=np.concatenate([ep["rewards"] for ep in episodes]),
+             terminals=np.zeros_like(timeouts), timeouts=timeouts,
+             shape=np.array([HIDDEN, LAYERS, HEADS, CONTEXT, BATCH]))
+    script = workdir / "d3rlpy_bench.py"
+    script.write_text(D3RLPY_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
+    done = subprocess.run([str(python), str(script), str(path), str(threads), str(warmup), str(timed)],
+                          env=env, capture_output=True, text=True, cwd=workdir)
+    if done.returncode != 0:
+        raise RuntimeError(f"d3rlpy run failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_ours(dataset: TrajectoryDataset, precision: str, steps: int, warmup: int, batch: int,
+             log_every: int, workdir: Path) -> dict:
+    """eva-rl train(): updates/s over the updates after `warmup`, and the loss curve."""
+    stamps: dict[int, float] = {}
+    config = load_config(TrainConfig, None, [
+        "policy.preset=small", f"policy.hidden_size={HIDDEN}", f"policy.n_layer={LAYERS}",
+        f"policy.n_head={HEADS}", f"policy.context_length={CONTEXT}", f"batch_size={batch}", f"steps={steps}",
+        f"precision={precision}", f"log_every={log_every}", "checkpoint_every=0", "progress=false",
+        "optim.warmup_steps=50", "optim.lr=1e-4", "seed=0", "device=cpu",
+        f"out_dir={tempfile.mkdtemp(dir=workdir)}"])
+    result = train(config, dataset=dataset, on_step=lambda step: stamps.__setitem__(step, time.perf_counter()))
+    return {"updates_per_second": (steps - warmup) / (stamps[steps] - stamps[warmup]),
+            "loss": result.metrics["train_loss"], "params": result.metrics["total_params"]}
+
+
+def model_flops_per_update(dataset: TrajectoryDataset) -> float:
+    """Matmul FLOPs of one training update of the `small` model at batch 64: 3 x forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = load_config(TrainConfig, None, [f"policy.hidden_size={HIDDEN}", f"policy.n_layer={LAYERS}",
+                                             f"policy.n_head={HEADS}", f"policy.context_length={CONTEXT}"])
+    policy = build_policy(config, dataset)
+    batch = dataset.sample(BATCH, CONTEXT, generator=np.random.default_rng(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        policy(batch)
+    return 3.0 * counter.get_total_flops()
+
+
+def peak_matmul_flops(dtype: torch.dtype, sizes: tuple[int, ...], repeats: int = 3) -> float:
+    """Best FLOP/s of a plain matmul: square n x n over `sizes`, and the model's own GEMM shapes
+    ((B * 3K) x hidden times hidden x {hidden, 3 hidden, 4 hidden})."""
+    tokens = BATCH * 3 * CONTEXT
+    shapes = [(n, n, n) for n in sizes] + [(tokens, HIDDEN, HIDDEN * k) for k in (1, 3, 4)]
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="updates before timing starts")
+    parser.add_argument("--timed-steps", type=int, default=30, help="timed updates per measurement")
+    parser.add_argument("--curve-steps", type=int, default=None,
+                        help="updates of the fp32-vs-bf16 loss-curve check (default 300; 100 where bf16 is emulated)")
+    parser.add_argument("--curve-batch", type=int, default=None,
+                        help="batch of the loss-curve check (default 64; 8 where bf16 is emulated, which is ~8x slower)")
+    parser.add_argument("--skip-d3rlpy", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    native_bf16 = cpu_supports_bf16()
+    curve_steps = args.curve_steps or (300 if native_bf16 else 100)
+    curve_batch = args.curve_batch or (BATCH if native_bf16 else 8)
+    auto = "bf16" if resolve_precision("auto", torch.device("cpu")) is not None else "fp32"
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
+          f"capability {torch.backends.cpu.get_cpu_capability()}, native bf16 matmul: {native_bf16} "
+          f"(precision auto -> {auto}); load average {os.getloadavg()[0]:.1f}")
+
+    episodes = synthetic_episodes()
+    dataset = TrajectoryDataset.from_episodes(episodes, "reach-v3")
+    steps = args.warmup_steps + args.timed_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        ours = {"fp32": run_ours(dataset, "fp32", steps, args.warmup_steps, BATCH, steps, workdir)}
+        reference = None
+        if not args.skip_d3rlpy:
+            reference = run_d3rlpy(episodes, args.threads, args.warmup_steps, args.timed_steps, workdir)
+        bf16_timed = args.timed_steps if native_bf16 else max(3, args.timed_steps // 6)
+        ours["bf16"] = run_ours(dataset, "bf16", 1 + bf16_timed, 1, BATCH, 1 + bf16_timed, workdir)
+        log_every = max(1, curve_steps // 6)
+        curve = {p: run_ours(dataset, p, curve_steps, 1, curve_batch, log_every, workdir)["loss"] for p in ("fp32", "bf16")}
+
+    flops = model_flops_per_update(dataset)
+    peak = {"fp32": peak_matmul_flops(torch.float32, (512, 1024, 2048)),
+            "bf16": peak_matmul_flops(torch.bfloat16, (256, 512) if not native_bf16 else (512, 1024, 2048))}
+    print(f"\nmodel: small preset, {ours['fp32']['params']:,} params, batch {BATCH}, K {CONTEXT}; "
+          f"{flops / 1e9:.2f} GFLOP per update (3 x forward matmul FLOPs)")
+    for precision, run in ours.items():
+        achieved = flops * run["updates_per_second"]
+        print(f"eva-rl {precision}: {run['updates_per_second']:.2f} updates/s, {achieved / 1e9:.1f} GFLOP/s = "
+              f"{100 * achieved / peak[precision]:.0f}% of the best plain {precision} matmul "
+              f"({peak[precision] / 1e9:.1f} GFLOP/s)")
+    if reference:
+        print(f"d3rlpy fp32: {reference['updates_per_second']:.2f} updates/s ({reference['params']:,} params)")
+    print(f"\nloss curve, same seed and batches, batch {curve_batch}, {curve_steps} updates:")
+    print("  step   fp32 loss   bf16 loss")
+    for (step, fp32), (_, bf16) in zip(curve["fp32"], curve["bf16"]):
+        print(f"  {step:4d}   {fp32:9.4f}   {bf16:9.4f}")
+    final_fp32, final_bf16 = curve["fp32"][-1][1], curve["bf16"][-1][1]
+    print(f"final loss fp32 {final_fp32:.4f}, bf16 {final_bf16:.4f} "
+          f"(relative difference {abs(final_bf16 - final_fp32) / final_fp32:.1%})")
+    value = ours[auto]["updates_per_second"]
+    ref_value = reference["updates_per_second"] if reference else None
+    print(json.dumps({"bench": "train_throughput", "value": round(value, 3), "unit": "updates/s",
+                      "reference": round(ref_value, 3) if ref_value else None,
+                      "ratio": round(value / ref_value, 3) if ref_value else None, "target": 1.5}))
+
+
+if __name__ == "__main__":
+    main()
