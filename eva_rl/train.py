@@ -244,6 +244,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int
+                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `model`'s trainable parameters (see `parameter_groups`) and its warm-up + cosine schedule."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr,
+                                  betas=tuple(optim.betas), fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, optim.warmup_steps, total_steps, optim.min_lr_ratio))
+    return optimizer, scheduler
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, shared tensors counted once."""
     params = {id(p): p for p in model.parameters()}.values()
@@ -556,6 +566,9 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = resolve_precision(config.precision, device)
+    if dtype is not None and device.type == "cpu" and not cpu_supports_bf16():
+        log.warning("precision=bf16 on a CPU without native bf16 matmul (AVX512-BF16/AMX): bf16 is emulated "
+                    "and several times slower than fp32 here. precision=auto picks fp32 on such CPUs.")
     if dataset is None:
         dataset = load_dataset(config)
     if policy is None:
@@ -572,10 +585,7 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     trainable, total = count_parameters(policy)
     if trainable == 0:
         raise ValueError("No parameter of the policy has requires_grad=True: nothing to train.")
-    optimizer = torch.optim.AdamW(parameter_groups(policy, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=tuple(config.optim.betas), fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, config.optim.warmup_steps, config.steps, config.optim.min_lr_ratio))
+    optimizer, scheduler = build_optimizer(policy, config.optim, config.steps)
     generator = np.random.default_rng([config.seed, ddp.rank])
     torch.manual_seed(config.seed + ddp.rank)
     history: dict[str, Any] = {"train_loss": [], "val_action_error": [], "eval": [], "train_seconds": 0.0}
