@@ -116,6 +116,7 @@ class EvalResult:
     env_steps: int = 0  # steps taken in all envs (episodes' steps only)
     seconds: float = 0.0  # wall-clock time of the rollouts (acting and stepping, not building the envs)
     build_seconds: float = 0.0  # wall-clock time spent building and closing the envs
+    cpu_seconds: float = 0.0  # CPU time of this process during the rollouts (not async env workers)
 
     @property
     def success_rate(self) -> float:
@@ -127,7 +128,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "suite": self.suite, "tasks": self.tasks, "env_steps": self.env_steps,
-                "seconds": self.seconds, "build_seconds": self.build_seconds,
+                "seconds": self.seconds, "build_seconds": self.build_seconds, "cpu_seconds": self.cpu_seconds,
                 "episodes": [r.to_dict() for r in self.episodes]}
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -143,7 +144,8 @@ class EvalResult:
         data = json.loads(Path(path).read_text())
         return cls(episodes=[EpisodeRecord.from_dict(r) for r in data["episodes"]], tasks=data["tasks"],
                    suite=data["suite"], settings=data.get("settings", {}), env_steps=int(data.get("env_steps", 0)),
-                   seconds=float(data.get("seconds", 0.0)), build_seconds=float(data.get("build_seconds", 0.0)))
+                   seconds=float(data.get("seconds", 0.0)), build_seconds=float(data.get("build_seconds", 0.0)),
+                   cpu_seconds=float(data.get("cpu_seconds", 0.0)))
 
     def describe(self) -> str:
         """A plain-text table: one row per task, then the suite."""
@@ -223,7 +225,7 @@ class _PolicyAgent(_Agent):
         self.ctx = self.policy.start_rollout(num_envs, self.target, bf16=self.bf16)
 
     def act(self, obs: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
-        return self.policy.act(self.ctx, obs, env_ids)
+        return self.policy.act(self.ctx, obs, env_ids)  # all envs in order -> views, no gathers
 
     def step(self, actions: np.ndarray, rewards: np.ndarray, env_ids: np.ndarray) -> None:
         self.ctx.step(actions, rewards, env_ids)
@@ -335,17 +337,18 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
 
         bar = tqdm(total=episodes * len(tasks), desc="evaluate", unit="episode")
     records: list[EpisodeRecord] = []
-    env_steps, rollout_seconds = 0, 0.0
+    env_steps, rollout_seconds, cpu_seconds = 0, 0.0, 0.0
     start = time.perf_counter()
     try:
         for task in tasks:
-            task_records, steps, seconds = _rollout_task(
+            task_records, steps, seconds, cpu = _rollout_task(
                 agent, task, episodes, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
                 video_path=Path(video_dir) / f"{task}.mp4" if video_dir is not None else None,
                 video_every=video_every, check_spaces=check_spaces, bar=bar)
             records.extend(task_records)
             env_steps += steps
             rollout_seconds += seconds
+            cpu_seconds += cpu
     finally:
         if bar is not None:
             bar.close()
@@ -354,7 +357,8 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
     settings = {**settings, "tasks": list(tasks), "episodes": episodes, "seed": seed, "num_envs": n_envs,
                 "horizon": horizon, "asynchronous": asynchronous}
     return EvalResult(episodes=records, tasks=per_task, suite=suite, settings=settings, env_steps=env_steps,
-                      seconds=rollout_seconds, build_seconds=total_seconds - rollout_seconds)
+                      seconds=rollout_seconds, build_seconds=total_seconds - rollout_seconds,
+                      cpu_seconds=cpu_seconds)
 
 
 def _vector_env(task: str, seed: int, n_envs: int, *, horizon: int | None, asynchronous: bool,
@@ -374,9 +378,9 @@ def _vector_env(task: str, seed: int, n_envs: int, *, horizon: int | None, async
 def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: int, *, horizon: int | None,
                   asynchronous: bool, video_path: Path | None, video_every: int,
                   check_spaces: Callable[..., None] | None,
-                  bar: Any) -> tuple[list[EpisodeRecord], int, float]:
+                  bar: Any) -> tuple[list[EpisodeRecord], int, float, float]:
     """All `episodes` episodes of one task: their records (env-major order), the steps taken, and
-    the seconds spent rolling out (from the first reset to the last step)."""
+    the wall-clock and CPU seconds spent rolling out (from the first reset to the last step)."""
     quota = np.array([(episodes + i) // n_envs for i in range(n_envs)])  # even split, sums to `episodes`
     if video_path is not None:
         _select_gl_backend()
@@ -389,7 +393,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
         act_dim = act_space.shape[0]
         low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
         agent.start(task, n_envs, act_space)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         obs, _ = envs.reset()
         done_count = np.zeros(n_envs, dtype=np.int64)
         ep_return = np.zeros(n_envs, dtype=np.float64)
@@ -433,7 +437,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
                 restart = np.flatnonzero(done & (done_count < quota))
                 if len(restart):
                     agent.reset(restart)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     finally:
         envs.close()
     records = []
@@ -442,7 +446,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
             ret, length, success = finished[(i, k)]
             records.append(EpisodeRecord(task=task, episode=len(records), env=i, seed=seed + i,
                                          episode_return=ret, length=length, success=success))
-    return records, env_steps, seconds
+    return records, env_steps, seconds, cpu_seconds
 
 
 def _info_flags(info: Mapping[str, Any], key: str, n_envs: int) -> np.ndarray:

@@ -290,22 +290,25 @@ class RolloutContext:
         self.tokens = zeros(n, k, 3, hidden_size)  # embedded tokens entering block 0 (fp32: the residual stream)
         self.qkv0 = zeros(n, k, 3, 3 * hidden_size, dtype=dtype)  # block 0's c_attn(ln_1(token))
 
-    def _ids(self, env_ids: Sequence[int] | np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    def _rows(self, env_ids: Sequence[int] | np.ndarray | None) -> tuple[torch.Tensor | slice, int]:
+        """An index of the rows of `env_ids` and their count; all envs index as a slice (views, no copies)."""
         if env_ids is None:
-            return torch.arange(self.num_envs, device=self.device)
-        ids = torch.as_tensor(np.asarray(env_ids, dtype=np.int64), device=self.device).reshape(-1)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_envs):
+            return slice(None), self.num_envs
+        ids = np.asarray(env_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.num_envs):
             raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {ids.tolist()}.")
-        return ids
+        if ids.size == self.num_envs and np.array_equal(ids, np.arange(self.num_envs)):
+            return slice(None), self.num_envs
+        return torch.as_tensor(ids, device=self.device), int(ids.size)
 
     def reset(self, env_ids: Sequence[int] | np.ndarray | None = None,
               target_returns: float | Sequence[float] | np.ndarray = 0.0) -> None:
         """Start new episodes in `env_ids` (all when None) conditioned on RAW `target_returns`."""
-        ids = self._ids(env_ids)
+        ids, n = self._rows(env_ids)
         targets = torch.as_tensor(np.asarray(target_returns, dtype=np.float32), device=self.device)
-        targets = targets.expand(len(ids)) if targets.ndim == 0 else targets.reshape(-1)
-        if len(targets) != len(ids):
-            raise ValueError(f"reset got {len(targets)} target returns for {len(ids)} envs.")
+        targets = targets.expand(n) if targets.ndim == 0 else targets.reshape(-1)
+        if len(targets) != n:
+            raise ValueError(f"reset got {len(targets)} target returns for {n} envs.")
         if not torch.isfinite(targets).all():
             raise ValueError(f"Target returns must be finite, got {targets.tolist()}.")
         for buf in (self.states, self.actions, self.returns_to_go, self.timesteps, self.mask,
@@ -317,15 +320,15 @@ class RolloutContext:
              env_ids: Sequence[int] | np.ndarray | None = None) -> None:
         """Record the actions taken (rows, (n, act_dim) or narrower) and rewards got ((n,), RAW);
         the context moves on one step: the return-to-go drops by the reward."""
-        ids = self._ids(env_ids)
+        ids, n = self._rows(env_ids)
         actions = torch.as_tensor(np.asarray(actions, dtype=np.float32), device=self.device)
         rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float32), device=self.device).reshape(-1)
-        if actions.ndim != 2 or actions.shape[0] != len(ids) or actions.shape[1] > self.actions.shape[2]:
+        if actions.ndim != 2 or actions.shape[0] != n or actions.shape[1] > self.actions.shape[2]:
             raise ValueError(
-                f"step expects actions of shape ({len(ids)}, <= {self.actions.shape[2]}), got {tuple(actions.shape)}."
+                f"step expects actions of shape ({n}, <= {self.actions.shape[2]}), got {tuple(actions.shape)}."
             )
-        if rewards.shape[0] != len(ids):
-            raise ValueError(f"step expects {len(ids)} rewards, got {rewards.shape[0]}.")
+        if rewards.shape[0] != n:
+            raise ValueError(f"step expects {n} rewards, got {rewards.shape[0]}.")
         self.actions[ids, -1, : actions.shape[1]] = actions
         self.actions[ids, -1, actions.shape[1]:] = 0
         next_rtg = self.returns_to_go[ids, -1] - rewards / self.return_scale
@@ -357,15 +360,6 @@ class DecisionTransformerPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, metadata: PolicyMetadata,
                  model: DecisionTransformerModel | None = None) -> None:
         super().__init__()
-        if metadata.state_dim != config.state_dim:
-            raise ValueError(
-                f"Metadata normalises {metadata.state_dim}-dim states but the policy config has "
-                f"state_dim={config.state_dim}; they must match."
-            )
-        if metadata.act_dims and max(metadata.act_dims) > config.act_dim:
-            raise ValueError(
-                f"Metadata task action widths {list(metadata.act_dims)} exceed the policy's act_dim={config.act_dim}."
-            )
         if model is None:
             model = DecisionTransformerModel(config.to_transformers())
         else:
@@ -373,8 +367,8 @@ class DecisionTransformerPolicy(nn.Module):
         self.config = config
         self.model = model
         # non-persistent: they are in eva_rl.json, not in the weights file
-        self.register_buffer("state_mean", torch.tensor(metadata.state_mean_array), persistent=False)
-        self.register_buffer("state_std", torch.tensor(metadata.state_std_array), persistent=False)
+        self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
+        self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)
         self.metadata = metadata
 
     @property
@@ -388,6 +382,11 @@ class DecisionTransformerPolicy(nn.Module):
             raise ValueError(
                 f"Metadata normalises {metadata.state_dim}-dim states but the policy takes "
                 f"state_dim={self.config.state_dim}; they must match."
+            )
+        if metadata.act_dims and max(metadata.act_dims) > self.config.act_dim:
+            raise ValueError(
+                f"Metadata task action widths {list(metadata.act_dims)} exceed the policy's "
+                f"act_dim={self.config.act_dim}."
             )
         self.__dict__["_metadata"] = metadata
         self.state_mean.copy_(torch.as_tensor(metadata.state_mean_array))
@@ -503,10 +502,10 @@ class DecisionTransformerPolicy(nn.Module):
         attention query, output projection and MLP for that one token, and the trailing (unknown)
         action token is never built. Equal to `forward` on the same window's last step.
         """
-        ids = ctx._ids(env_ids)
+        ids, n = ctx._rows(env_ids)
         states = self.normalize_observations(obs)
-        if states.shape[0] != len(ids):
-            raise ValueError(f"act got {states.shape[0]} observations for {len(ids)} envs.")
+        if states.shape[0] != n:
+            raise ValueError(f"act got {states.shape[0]} observations for {n} envs.")
         if not torch.isfinite(states).all():
             raise ValueError("Observations contain NaN or inf.")
         ctx.states[ids, -1] = states
@@ -516,7 +515,7 @@ class DecisionTransformerPolicy(nn.Module):
             self.eval()  # dropout off: acting is inference
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=ctx.dtype == torch.bfloat16):
-                actions = self._act_tokens(ctx, ids)
+                actions = self._act_tokens(ctx, ids, n)
         finally:
             if was_training:
                 self.train()
@@ -527,7 +526,7 @@ class DecisionTransformerPolicy(nn.Module):
         model = self.model
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def _embed(self, ctx: RolloutContext, ids: torch.Tensor, slot: int, kinds: Sequence[int]) -> None:
+    def _embed(self, ctx: RolloutContext, ids: torch.Tensor | slice, slot: int, kinds: Sequence[int]) -> None:
         """Embed the tokens `kinds` (0 = return, 1 = state, 2 = action) of context slot `slot`
         and cache them with block 0's query/key/value projections."""
         dt = self._dt()
@@ -544,17 +543,18 @@ class DecisionTransformerPolicy(nn.Module):
         tokens = dt.embed_ln(emb) + gpt.wpe.weight[0]
         block = gpt.h[0]
         qkv = block.attn.c_attn(block.ln_1(tokens))
-        kinds_t = torch.as_tensor(list(kinds), device=ids.device)
-        ctx.tokens[ids[:, None], slot, kinds_t[None, :]] = tokens.float()
-        ctx.qkv0[ids[:, None], slot, kinds_t[None, :]] = qkv.to(ctx.dtype)
+        kinds_t = torch.as_tensor(list(kinds), device=ctx.device)
+        index = (slice(None), slot, kinds_t) if isinstance(ids, slice) else (ids[:, None], slot, kinds_t[None, :])
+        ctx.tokens[index] = tokens.float()
+        ctx.qkv0[index] = qkv.to(ctx.dtype)
 
-    def _act_tokens(self, ctx: RolloutContext, ids: torch.Tensor) -> torch.Tensor:
+    def _act_tokens(self, ctx: RolloutContext, ids: torch.Tensor | slice, n: int) -> torch.Tensor:
         k = ctx.context_length
         # new this step: the previous step's action token (its action is now known) and (R_t, s_t)
         if k > 1:
             self._embed(ctx, ids, k - 2, (2,))
         self._embed(ctx, ids, k - 1, (0, 1))
-        n, hidden = len(ids), self.config.hidden_size
+        hidden = self.config.hidden_size
         n_tok = 3 * k - 1  # (R, s, a) * K without the last, unknown action
         x = ctx.tokens[ids].reshape(n, 3 * k, hidden)[:, :n_tok]
         qkv0 = ctx.qkv0[ids].reshape(n, 3 * k, 3 * hidden)[:, :n_tok]
