@@ -26,8 +26,9 @@ run with its CPU/GPU needs, on a local instance or the cluster at `address`).
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -70,6 +71,8 @@ class CollectStage:
     finetune_policy: str | None = None
     # Behaviour policy for the pretraining tasks; None = `policy`.
     pretrain_policy: str | None = None
+    # Per-task behaviour policy (task -> "sb3:PATH", ...), e.g. one SB3 expert per MuJoCo body.
+    task_policies: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.noises or any(n < 0 for n in self.noises):
@@ -320,6 +323,8 @@ def execute_job(run_fn: RunFn, job: Job, threads: int | None = None) -> JobResul
     (run_dir / "error.txt").unlink(missing_ok=True)
     error = None
     with _redirect_output(run_dir / "log.txt"):
+        # the training loop reports through `logging`; without a handler its lines would vanish
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
         try:
             metrics = run_fn(run_dir, job.config)
             metrics_path = run_dir / "metrics.json"
@@ -586,8 +591,8 @@ def dataset_paths(config: ExperimentConfig, tasks: Sequence[str], which: str) ->
     from eva_rl.data.collect import dataset_id
 
     root = datasets_dir(config)
-    policy = _stage_policy(config.collect, which)
-    return [root / dataset_id(task, policy, noise) for task in tasks for noise in config.collect.noises]
+    return [root / dataset_id(task, _task_policy(config.collect, task, which), noise)
+            for task in tasks for noise in config.collect.noises]
 
 
 def datasets_dir(config: ExperimentConfig) -> Path:
@@ -595,9 +600,9 @@ def datasets_dir(config: ExperimentConfig) -> Path:
     return root.resolve()
 
 
-def _stage_policy(collect: CollectStage, which: str) -> str:
+def _task_policy(collect: CollectStage, task: str, which: str) -> str:
     specific = collect.pretrain_policy if which == "pretrain" else collect.finetune_policy
-    return specific or collect.policy
+    return collect.task_policies.get(task) or specific or collect.policy
 
 
 def collect_stage(config: ExperimentConfig, pretrain_tasks: Sequence[str], finetune_tasks: Sequence[str],
@@ -609,9 +614,11 @@ def collect_stage(config: ExperimentConfig, pretrain_tasks: Sequence[str], finet
     made = []
     for which, tasks, episodes in (("pretrain", pretrain_tasks, config.collect.pretrain_episodes),
                                    ("finetune", finetune_tasks, config.collect.finetune_episodes)):
-        policy = _stage_policy(config.collect, which)
-        for noise in config.collect.noises:
-            missing = [t for t in dict.fromkeys(tasks) if not (root / dataset_id(t, policy, noise)).exists()]
+        by_policy: dict[str, list[str]] = {}
+        for task in dict.fromkeys(tasks):
+            by_policy.setdefault(_task_policy(config.collect, task, which), []).append(task)
+        for (policy, policy_tasks), noise in itertools.product(by_policy.items(), config.collect.noises):
+            missing = [t for t in policy_tasks if not (root / dataset_id(t, policy, noise)).exists()]
             if not missing:
                 continue
             if not config.collect.enabled:
