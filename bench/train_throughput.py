@@ -1,7 +1,7 @@
 """Training throughput: eva-rl's loop against d3rlpy's DecisionTransformer on the same data.
 
 Measures, in one run, on the same synthetic Meta-World-shaped data (obs 39, act 4):
-  * eva-rl `train()` updates/s with the `small` preset (hidden 128, 3 layers, 4 heads, K 20),
+  * eva-rl `train()` updates/s (the whole loop: sampling, forward, backward, clip, AdamW, schedule) with the `small` preset (hidden 128, 3 layers, 4 heads, K 20),
     batch 64, in fp32 and in bf16 autocast;
   * d3rlpy's DecisionTransformer of the same size (hidden 128, 3 layers, 4 heads, K 20, batch 64)
     in its own virtual environment (d3rlpy pins its own gymnasium), run as a subprocess;
@@ -11,7 +11,10 @@ Measures, in one run, on the same synthetic Meta-World-shaped data (obs 39, act 
 Ends with one JSON line: {"bench": "train_throughput", "value": eva-rl updates/s at precision
 "auto", "unit": "updates/s", "reference": d3rlpy updates/s, "ratio": value / reference, "target": 1.5}.
 
-    python bench/train_throughput.py [--threads N] [--timed-steps 30] [--curve-steps 300]
+    python bench/train_throughput.py [--threads N] [--rounds 3] [--timed-steps 20] [--curve-steps 300]
+
+Timing rounds alternate eva-rl and d3rlpy (d3rlpy stays loaded in its child process between
+rounds), so that load from others on a shared machine hits both alike; medians are reported.
 
 The first run creates the d3rlpy venv under ~/.cache/eva-rl (pip, a few minutes); later runs reuse it.
 """
@@ -40,9 +43,12 @@ VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "eva-rl"
 D3RLPY_REQUIREMENTS = ["torch==2.13.0", "d3rlpy==2.8.1"]
 
 D3RLPY_SCRIPT = r'''
+# d3rlpy side, in its own venv: build the DT through fit() (1 update), then time its update loop
+# (what fit() does per step: sample_trajectory_batch + update) on request, so that the parent can
+# interleave its own timing rounds with these on a shared machine.
 import json, sys, time
 import numpy as np, torch, d3rlpy
-path, threads, warmup, timed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, threads = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 data = np.load(path)
@@ -53,13 +59,54 @@ algo = d3rlpy.algos.DecisionTransformerConfig(
     batch_size=batch, context_size=context, num_heads=heads, num_layers=layers, max_timestep=1000,
     encoder_factory=d3rlpy.models.VectorEncoderFactory([hidden], exclude_last_activation=True),
 ).create(device="cpu:0")
-stamps = {}
-steps = warmup + timed
-algo.fit(dataset, n_steps=steps, n_steps_per_epoch=steps, logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
-         show_progress=False, callback=lambda algo, epoch, step: stamps.__setitem__(step, time.perf_counter()))
+algo.fit(dataset, n_steps=1, n_steps_per_epoch=1, logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+         show_progress=False)
 params = sum(p.numel() for p in algo.impl.modules.transformer.parameters())
-print(json.dumps({"updates_per_second": timed / (stamps[steps] - stamps[warmup]), "params": params}))
+print(json.dumps({"ready": True, "params": params}), flush=True)
+for line in sys.stdin:
+    warmup, timed = (int(v) for v in line.split())
+    for i in range(warmup + timed):
+        if i == warmup:
+            start = time.perf_counter()
+        algo.update(dataset.sample_trajectory_batch(batch, length=context))
+    print(json.dumps({"updates_per_second": timed / (time.perf_counter() - start)}), flush=True)
 '''
+
+
+class D3rlpyRunner:
+    """d3rlpy's DecisionTransformer of the same size on the same episodes, in its own venv (a child process)."""
+
+    def __init__(self, episodes: list[dict], threads: int, workdir: Path) -> None:
+        python = ensure_d3rlpy_venv()
+        path = workdir / "episodes.npz"
+        timeouts = np.concatenate([ep["truncations"] for ep in episodes]).astype(np.float32)
+        np.savez(path, observations=np.concatenate([ep["observations"][:-1] for ep in episodes]),
+                 actions=np.concatenate([ep["actions"] for ep in episodes]),
+                 rewards=np.concatenate([ep["rewards"] for ep in episodes]),
+                 terminals=np.zeros_like(timeouts), timeouts=timeouts,
+                 shape=np.array([HIDDEN, LAYERS, HEADS, CONTEXT, BATCH]))
+        script = workdir / "d3rlpy_bench.py"
+        script.write_text(D3RLPY_SCRIPT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
+        self.process = subprocess.Popen([str(python), str(script), str(path), str(threads)], env=env, cwd=workdir,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, bufsize=1)
+        self.params = self._reply()["params"]
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"the d3rlpy process ended (exit code {self.process.wait()}); run "
+                           f"{self.process.args[1]} by hand with {self.process.args[0]} to see why")
+
+    def updates_per_second(self, warmup: int, timed: int) -> float:
+        self.process.stdin.write(f"{warmup} {timed}\n")
+        return float(self._reply()["updates_per_second"])
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def synthetic_episodes(seed: int = 0) -> list[dict]:
@@ -86,26 +133,6 @@ def ensure_d3rlpy_venv() -> Path:
         subprocess.run([str(python), "-m", "pip", "install", "-q", *D3RLPY_REQUIREMENTS], check=True)
         ready.write_text(" ".join(D3RLPY_REQUIREMENTS) + "\n")
     return python
-
-
-def run_d3rlpy(episodes: list[dict], threads: int, warmup: int, timed: int, workdir: Path) -> dict:
-    """d3rlpy's updates/s on the same episodes, in its own venv."""
-    python = ensure_d3rlpy_venv()
-    path = workdir / "episodes.npz"
-    timeouts = np.concatenate([ep["truncations"] for ep in episodes]).astype(np.float32)
-    np.savez(path, observations=np.concatenate([ep["observations"][:-1] for ep in episodes]),
-             actions=np.concatenate([ep["actions"] for ep in episodes]),
-             rewards=np.concatenate([ep["rewards"] for ep in episodes]),
-             terminals=np.zeros_like(timeouts), timeouts=timeouts,
-             shape=np.array([HIDDEN, LAYERS, HEADS, CONTEXT, BATCH]))
-    script = workdir / "d3rlpy_bench.py"
-    script.write_text(D3RLPY_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
-    done = subprocess.run([str(python), str(script), str(path), str(threads), str(warmup), str(timed)],
-                          env=env, capture_output=True, text=True, cwd=workdir)
-    if done.returncode != 0:
-        raise RuntimeError(f"d3rlpy run failed:\n{done.stdout}\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_ours(dataset: TrajectoryDataset, precision: str, steps: int, warmup: int, batch: int,
@@ -155,12 +182,14 @@ def peak_matmul_flops(dtype: torch.dtype, sizes: tuple[int, ...], repeats: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="updates before timing starts")
-    parser.add_argument("--timed-steps", type=int, default=30, help="timed updates per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved timing rounds (eva-rl, d3rlpy, eva-rl, ...); medians are reported")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="updates before timing starts, each round")
+    parser.add_argument("--timed-steps", type=int, default=20, help="timed updates per round")
     parser.add_argument("--curve-steps", type=int, default=None,
                         help="updates of the fp32-vs-bf16 loss-curve check (default 300; 100 where bf16 is emulated)")
     parser.add_argument("--curve-batch", type=int, default=None,
-                        help="batch of the loss-curve check (default 64; 8 where bf16 is emulated, which is ~8x slower)")
+                        help="batch of the loss-curve check (default 64; 8 where bf16 is emulated, ~8x slower)")
     parser.add_argument("--skip-d3rlpy", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,34 +199,52 @@ def main() -> None:
     auto = "bf16" if resolve_precision("auto", torch.device("cpu")) is not None else "fp32"
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
           f"capability {torch.backends.cpu.get_cpu_capability()}, native bf16 matmul: {native_bf16} "
-          f"(precision auto -> {auto}); load average {os.getloadavg()[0]:.1f}")
+          f"(precision auto -> {auto}); load average {os.getloadavg()[0]:.1f} (shared machine: expect noise)")
 
     episodes = synthetic_episodes()
     dataset = TrajectoryDataset.from_episodes(episodes, "reach-v3")
     steps = args.warmup_steps + args.timed_steps
+    # bf16 where it is emulated is ~8x slower: fewer timed updates keep the run short
+    bf16_timed = args.timed_steps if native_bf16 else max(3, args.timed_steps // 5)
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": [], "d3rlpy": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ours = {"fp32": run_ours(dataset, "fp32", steps, args.warmup_steps, BATCH, steps, workdir)}
-        reference = None
-        if not args.skip_d3rlpy:
-            reference = run_d3rlpy(episodes, args.threads, args.warmup_steps, args.timed_steps, workdir)
-        bf16_timed = args.timed_steps if native_bf16 else max(3, args.timed_steps // 6)
-        ours["bf16"] = run_ours(dataset, "bf16", 1 + bf16_timed, 1, BATCH, 1 + bf16_timed, workdir)
+        d3rlpy = None if args.skip_d3rlpy else D3rlpyRunner(episodes, args.threads, workdir)
+        for round_ in range(args.rounds):
+            run = run_ours(dataset, "fp32", steps, args.warmup_steps, BATCH, steps, workdir)
+            rates["fp32"].append(run["updates_per_second"])
+            params = run["params"]
+            if d3rlpy is not None:
+                rates["d3rlpy"].append(d3rlpy.updates_per_second(args.warmup_steps, args.timed_steps))
+            if round_ == 0 or native_bf16:
+                run = run_ours(dataset, "bf16", 1 + bf16_timed, 1, BATCH, 1 + bf16_timed, workdir)
+                rates["bf16"].append(run["updates_per_second"])
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items() if v)
+                  + " updates/s", flush=True)
+        if d3rlpy is not None:
+            d3rlpy.close()
         log_every = max(1, curve_steps // 6)
-        curve = {p: run_ours(dataset, p, curve_steps, 1, curve_batch, log_every, workdir)["loss"] for p in ("fp32", "bf16")}
+        curve = {p: run_ours(dataset, p, curve_steps, 1, curve_batch, log_every, workdir)["loss"]
+                 for p in ("fp32", "bf16")}
 
     flops = model_flops_per_update(dataset)
     peak = {"fp32": peak_matmul_flops(torch.float32, (512, 1024, 2048)),
             "bf16": peak_matmul_flops(torch.bfloat16, (256, 512) if not native_bf16 else (512, 1024, 2048))}
-    print(f"\nmodel: small preset, {ours['fp32']['params']:,} params, batch {BATCH}, K {CONTEXT}; "
-          f"{flops / 1e9:.2f} GFLOP per update (3 x forward matmul FLOPs)")
-    for precision, run in ours.items():
-        achieved = flops * run["updates_per_second"]
-        print(f"eva-rl {precision}: {run['updates_per_second']:.2f} updates/s, {achieved / 1e9:.1f} GFLOP/s = "
-              f"{100 * achieved / peak[precision]:.0f}% of the best plain {precision} matmul "
+    median = {k: float(np.median(v)) for k, v in rates.items() if v}
+    print(f"\nmodel: small preset, {params:,} params, batch {BATCH}, K {CONTEXT}; "
+          f"{flops / 1e9:.2f} GFLOP per update (3 x forward matmul FLOPs); medians of {args.rounds} rounds")
+    for precision in ("fp32", "bf16"):
+        achieved = flops * median[precision]
+        print(f"eva-rl {precision}: {median[precision]:.2f} updates/s, {achieved / 1e9:.1f} GFLOP/s = "
+              f"{100 * achieved / peak[precision]:.0f}% of the best plain {precision} matmul here "
               f"({peak[precision] / 1e9:.1f} GFLOP/s)")
-    if reference:
-        print(f"d3rlpy fp32: {reference['updates_per_second']:.2f} updates/s ({reference['params']:,} params)")
+    if not native_bf16:
+        print("  (bf16 is emulated on this CPU: its plain matmul is slower than the mix of bf16 and fp32 kernels "
+              "autocast runs, hence a share above 100%)")
+    if d3rlpy is not None:
+        achieved = flops * median["d3rlpy"]
+        print(f"d3rlpy fp32: {median['d3rlpy']:.2f} updates/s ({d3rlpy.params:,} params), ~{achieved / 1e9:.1f} GFLOP/s "
+              f"= {100 * achieved / peak['fp32']:.0f}% of the fp32 matmul best (same-size model, eva-rl's FLOP count)")
     print(f"\nloss curve, same seed and batches, batch {curve_batch}, {curve_steps} updates:")
     print("  step   fp32 loss   bf16 loss")
     for (step, fp32), (_, bf16) in zip(curve["fp32"], curve["bf16"]):
@@ -205,8 +252,8 @@ def main() -> None:
     final_fp32, final_bf16 = curve["fp32"][-1][1], curve["bf16"][-1][1]
     print(f"final loss fp32 {final_fp32:.4f}, bf16 {final_bf16:.4f} "
           f"(relative difference {abs(final_bf16 - final_fp32) / final_fp32:.1%})")
-    value = ours[auto]["updates_per_second"]
-    ref_value = reference["updates_per_second"] if reference else None
+    value = median[auto]
+    ref_value = median.get("d3rlpy")
     print(json.dumps({"bench": "train_throughput", "value": round(value, 3), "unit": "updates/s",
                       "reference": round(ref_value, 3) if ref_value else None,
                       "ratio": round(value / ref_value, 3) if ref_value else None, "target": 1.5}))
