@@ -1,7 +1,8 @@
 """Training throughput: eva-rl's loop against d3rlpy's DecisionTransformer on the same data.
 
 Measures, in one run, on the same synthetic Meta-World-shaped data (obs 39, act 4):
-  * eva-rl `train()` updates/s (the whole loop: sampling, forward, backward, clip, AdamW, schedule) with the `small` preset (hidden 128, 3 layers, 4 heads, K 20),
+  * eva-rl `train()` updates/s (the whole loop: sampling, forward, backward, clip, AdamW, schedule)
+    with the `small` preset (hidden 128, 3 layers, 4 heads, K 20),
     batch 64, in fp32 and in bf16 autocast;
   * d3rlpy's DecisionTransformer of the same size (hidden 128, 3 layers, 4 heads, K 20, batch 64)
     in its own virtual environment (d3rlpy pins its own gymnasium), run as a subprocess;
@@ -243,7 +244,8 @@ def main() -> None:
               "autocast runs, hence a share above 100%)")
     if d3rlpy is not None:
         achieved = flops * median["d3rlpy"]
-        print(f"d3rlpy fp32: {median['d3rlpy']:.2f} updates/s ({d3rlpy.params:,} params), ~{achieved / 1e9:.1f} GFLOP/s "
+        print(f"d3rlpy fp32: {median['d3rlpy']:.2f} updates/s ({d3rlpy.params:,} params), "
+              f"~{achieved / 1e9:.1f} GFLOP/s "
               f"= {100 * achieved / peak['fp32']:.0f}% of the fp32 matmul best (same-size model, eva-rl's FLOP count)")
     print(f"\nloss curve, same seed and batches, batch {curve_batch}, {curve_steps} updates:")
     print("  step   fp32 loss   bf16 loss")

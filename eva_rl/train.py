@@ -16,7 +16,8 @@ writes checkpoints, logs, evaluations and metrics.
 Run directory (`out_dir`):
     config.yaml          the resolved TrainConfig (pretrain), reloads with load_config
     tb/                  tensorboard events
-    checkpoints/step_<n>/  model.safetensors + trainer.pt + meta.json; `latest` names the newest
+    checkpoints/step_<n>/  model.safetensors + trainer.pt (optimizer, scheduler, RNG of every rank,
+                         hook state) + meta.json (step, history, config); `latest` names the newest
     model/               the final policy (pretrain)
     metrics.json         written last: its presence means the run finished
 """
@@ -33,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -360,25 +361,34 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, trainer_stat
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+    directory = os.open(checkpoints, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
     write_text_atomic(checkpoints / "latest", final.name + "\n")
     for old in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def find_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint dir: the one `latest` names, else the highest complete step_* dir."""
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Complete checkpoint dirs, newest first.
+
+    A step_* dir only gets its name once complete (see `save_checkpoint`), so the highest one with
+    all its files is the newest good one, even where a crash came between its rename and the
+    `latest` pointer (which is kept for people and tools reading the run dir).
+    """
     if not checkpoints.is_dir():
-        return None
-    candidates = []
-    pointer = checkpoints / "latest"
-    if pointer.is_file():
-        candidates.append(checkpoints / pointer.read_text().strip())
-    candidates += sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
-    for path in candidates:
-        if path.is_dir() and all((path / name).is_file() for name in ("meta.json", "trainer.pt", "model.safetensors")):
-            return path
-    return None
+        return []
+    return [path for path in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
+            if path.is_dir() and all((path / name).is_file() for name in ("meta.json", "trainer.pt", "model.safetensors"))]
+
+
+def find_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint dir, or None."""
+    found = complete_checkpoints(checkpoints)
+    return found[0] if found else None
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict, dict]:
@@ -389,6 +399,17 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict, dict]:
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     return trainer_state, meta
+
+
+def _load_newest_good(checkpoints: Path, model: nn.Module) -> tuple[Path, dict, dict] | None:
+    """Load the newest checkpoint that reads back whole; an unreadable one (disk trouble) is skipped
+    with a warning, and the next older one, loaded strictly over it, replaces anything it set."""
+    for path in complete_checkpoints(checkpoints):
+        try:
+            return (path, *load_checkpoint(path, model))
+        except Exception as exc:  # a damaged file: any reader error; fall back to an older checkpoint
+            log.warning("Checkpoint %s does not load (%s: %s); trying an older one.", path, type(exc).__name__, exc)
+    return None
 
 
 def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
@@ -592,8 +613,12 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     step = 0
 
     config_dict = json.loads(json.dumps(config_to_dict(config)))  # as stored in meta.json (tuples -> lists)
-    if found is not None:
-        trainer_state, meta = load_checkpoint(found, policy)
+    loaded = _load_newest_good(checkpoints, policy) if found is not None else None
+    if found is not None and loaded is None:
+        raise ValueError(f"No checkpoint in {str(checkpoints)!r} loads (see the warnings above). "
+                         f"Move the directory away to start afresh.")
+    if loaded is not None:
+        found, trainer_state, meta = loaded
         _check_resume_config(meta["config"], config_dict)
         if meta["world_size"] != ddp.world_size:
             raise ValueError(f"Cannot resume {found}: it was written by {meta['world_size']} processes, "
@@ -755,7 +780,8 @@ def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int,
         "train_seconds": float(history["train_seconds"]), "eva_seconds": run_info.eva_seconds,
         "train_loss": history["train_loss"], "val_action_error": history["val_action_error"],
         "eval": history["eval"],
-        "final": {key: final_eval.get(key) for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
+        "final": {key: final_eval.get(key)
+                  for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
         | {"train_loss": _last(history["train_loss"]), "val_action_error": _last(history["val_action_error"])},
     }
 

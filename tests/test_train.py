@@ -4,7 +4,6 @@ metrics.json, DDP with two CPU processes, config errors, and a tiny Meta-World p
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -160,6 +159,10 @@ def test_checkpoint_is_atomic_and_last_good_one_loads(tmp_path):
     (checkpoints / "latest").write_text("step_00000099\n")
     (checkpoints / "step_00000010").mkdir()
     assert find_checkpoint(checkpoints) == checkpoints / "step_00000009"
+
+    # and a complete-looking newest checkpoint whose optimizer state is damaged: step 6 loads instead
+    trainer = checkpoints / "step_00000009" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:100])
 
     straight_config = tiny_config(tmp_path / "straight", "checkpoint_every=3")
     straight = train(straight_config, policy=fresh_policy(config, dataset), dataset=dataset)
