@@ -96,6 +96,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
                         help="raw target return, for all tasks or one (repeatable; default: the checkpoint's)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write episodes and aggregates to this JSON file")
     parser.add_argument("--video", default=None, metavar="DIR", help="record each task's first episode as DIR/<task>.mp4")
+    parser.add_argument("--video-every", type=int, default=4, metavar="N", help="keep every N-th frame of the video")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 inference")
     parser.add_argument("--async", dest="asynchronous", action="store_true", help="one process per env")
     parser.add_argument("--base", default=None, metavar="DIR",
@@ -127,7 +128,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from eva_rl.evaluate import evaluate, evaluate_reference, load_policy
 
     common = dict(num_envs=args.num_envs, horizon=args.horizon, asynchronous=args.asynchronous,
-                  video_dir=args.video, progress=args.progress)
+                  video_dir=args.video, video_every=args.video_every, progress=args.progress)
     if args.reference is not None:
         if args.model_dir is not None:
             raise ValueError("Give either MODEL_DIR or --reference, not both.")
