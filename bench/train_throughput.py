@@ -239,7 +239,7 @@ def main() -> None:
         print(f"eva-rl {precision}: {median[precision]:.2f} updates/s, {achieved / 1e9:.1f} GFLOP/s = "
               f"{100 * achieved / peak[precision]:.0f}% of the best plain {precision} matmul here "
               f"({peak[precision] / 1e9:.1f} GFLOP/s)")
-    if not native_bf16:
+    if not native_bf16 and flops * median["bf16"] > peak["bf16"]:
         print("  (bf16 is emulated on this CPU: its plain matmul is slower than the mix of bf16 and fp32 kernels "
               "autocast runs, hence a share above 100%)")
     if d3rlpy is not None:
