@@ -194,9 +194,10 @@ def load_policy(directory: str | os.PathLike, *, base: str | os.PathLike | None 
         base = recorded
     from peft import PeftModel
 
-    policy = DecisionTransformerPolicy.from_pretrained(base, device=device)
-    if info.get("metadata"):
-        policy.metadata = PolicyMetadata.from_dict(info["metadata"])
+    # the adapter's metadata also lets a plain DecisionTransformerModel base (no eva_rl.json) load
+    metadata = PolicyMetadata.from_dict(info["metadata"]) if info.get("metadata") else None
+    policy = DecisionTransformerPolicy.from_pretrained(base, metadata=metadata, device=device,
+                                                       context_length=info.get("context_length"))
     policy.model = PeftModel.from_pretrained(policy.model, str(path))
     if device is not None:
         policy.to(device)
