@@ -11,22 +11,27 @@ import dataclasses
 import difflib
 import os
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
 
 def _field_names(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key a config class accepts, for the 'did you mean' hint."""
+    """Every dotted key a config class accepts (nested sections included), for error hints."""
+    # get_type_hints, not field.type: under `from __future__ import annotations` the latter is a string
+    hints = typing.get_type_hints(cls)
     names = []
     for field in dataclasses.fields(cls):
         names.append(prefix + field.name)
-        if dataclasses.is_dataclass(field.type) and isinstance(field.type, type):
-            names.extend(_field_names(field.type, prefix + field.name + "."))
+        kind = hints.get(field.name)
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            names.extend(_field_names(kind, prefix + field.name + "."))
     return names
 
 
@@ -34,10 +39,55 @@ def _unknown_key_error(cls: type, key: str, source: str) -> ValueError:
     known = _field_names(cls)
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    section, _, _ = key.rpartition(".")
+    siblings = [name for name in known if name.rpartition(".")[0] == section]  # same nesting level
+    where = f"in section {section!r}" if section else "at the top level"
     return ValueError(
         f"Unknown config key {key!r} in {source} for {cls.__name__}.{hint} "
-        f"Known keys: {', '.join(known)}."
+        f"Known keys {where}: {', '.join(siblings)}."
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    """OmegaConf appends 'full_key: ...' / 'object_type=...' lines to its messages: keep the first."""
+    lines = str(getattr(exc, "msg", None) or exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")
+
+
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    """The YAML mapping at `path`; one-line errors for a missing file, bad YAML or a non-mapping."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"Config file {str(path)!r} {what}. Pass the path of a YAML file "
+            f"(examples are in the configs/ folder)."
+        )
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"Config file {str(path)!r} is not valid YAML{at}: {exc.problem}. "
+                         "Fix the file's syntax.") from None
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
+        raise ValueError(f"Config file {str(path)!r} is not valid YAML: {_first_line(exc)}.") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"Config file {str(path)!r} holds a list, expected a mapping of "
+                         "keys to values (e.g. `steps: 1000`).")
+    return loaded
+
+
+def _merge(cls: type, merged: DictConfig, layer: DictConfig, source: str, key_hint: str | None) -> DictConfig:
+    """`layer` merged over `merged`, with one clear ValueError for an unknown key or a bad value."""
+    try:
+        return OmegaConf.merge(merged, layer)  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        raise _unknown_key_error(cls, str(exc.full_key or key_hint), source) from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or key_hint
+        named = f" for config key {key!r}" if key else ""
+        raise ValueError(f"Bad value{named} in {source}: {_first_line(exc)}.") from None
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None,
@@ -48,49 +98,44 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
     the wrong type raise one `ValueError` naming the key; the dataclass's own `__post_init__`
     checks run last, on the merged values.
     """
-    schema = OmegaConf.structured(cls)
-    layers: list[tuple[str, Any]] = []
+    layers: list[tuple[str, DictConfig, str | None]] = []  # (source, values, the key it sets)
     if base:
-        layers.append(("the base config", OmegaConf.create(base)))
+        layers.append(("the base config", OmegaConf.create(base), None))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Config file {str(path)!r} does not exist. Pass the path of a YAML file "
-                f"(examples are in the configs/ folder)."
-            )
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as exc:  # yaml's errors are many; one message for all of them
-            raise ValueError(f"Config file {str(path)!r} is not valid YAML: {exc}") from None
+        layers.append((str(path), _read_yaml(path), None))
     for item in overrides:
-        if "=" not in item:
+        key, equals, _ = item.partition("=")
+        if not equals or not key.strip():
             raise ValueError(f"Override {item!r} is not of the form key=value (e.g. optim.lr=3e-4).")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
-    merged = schema
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except ConfigKeyError as exc:
-            raise _unknown_key_error(cls, str(exc.full_key), source) from None
-        except (ValidationError, OmegaConfBaseException) as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            raise ValueError(f"Bad value for config key {key!r} in {source}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ValueError(f"Config keys {missing} have no value: set them in the YAML or as key=value overrides.")
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item]), key.strip()))
+    merged = OmegaConf.structured(cls)
+    for source, layer, key in layers:
+        merged = _merge(cls, merged, layer, source, key)
     try:
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ValueError(f"Config keys {missing} have no value: set them in the YAML or as key=value overrides.")
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ValueError):
-            raise cause from None
-        raise ValueError(str(exc)) from None
+        if isinstance(exc.__cause__, ValueError):  # a __post_init__ check: its message is the one to show
+            raise exc.__cause__ from None
+        key = getattr(exc, "full_key", None)
+        named = f" for config key {key!r}" if key else ""
+        raise ValueError(f"Bad value{named}: {_first_line(exc)}.") from None
 
 
 def config_to_dict(config: Any) -> dict:
     """A plain dict of a config dataclass (tuples become lists), ready for YAML or JSON."""
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+    return _lists(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+
+
+def _lists(value: Any) -> Any:
+    """`value` with every tuple, nested ones too, turned into a list (OmegaConf keeps tuples)."""
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(item) for item in value]
+    return value
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
@@ -114,7 +159,3 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
 
-
-def as_dictconfig(config: Any) -> DictConfig:
-    """The OmegaConf view of a config dataclass (for logging hyperparameters)."""
-    return OmegaConf.structured(config)
