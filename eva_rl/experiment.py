@@ -255,14 +255,28 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def resolve_config(cls: type, yaml_path: str | os.PathLike | None, *layers: dict[str, Any]) -> dict[str, Any]:
     """The plain dict of `cls` from a YAML and dotted-key layers (later layers win); validates now.
 
-    Values go through JSON on the way to OmegaConf's dotlist, so lists, None and strings keep
-    their types. Raises the config's own ValueError (naming the key) before any run starts.
+    The layers are folded into one nested dict in Python and handed to `load_config` in a single
+    merge (one OmegaConf merge per key was 100 ms a run); unknown keys and bad values raise the
+    config's own ValueError (naming the key) before any run starts.
     """
-    dotlist = []
+    from omegaconf import OmegaConf
+
+    merged: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {str(path)!r} does not exist. Pass the path of a YAML file.")
+        merged = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]
     for layer in layers:
         for key, value in flatten(layer).items():
-            dotlist.append(f"{key}={json.dumps(_plain(value))}")
-    return config_to_dict(load_config(cls, yaml_path, dotlist))
+            node = merged
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[leaf] = _plain(value)
+    return config_to_dict(load_config(cls, base=merged))
 
 
 def _plain(value: Any) -> Any:

@@ -74,10 +74,27 @@ def test_experiment_yaml_loads_and_rejects_bad_keys(tmp_path: Path) -> None:
         config_path("no-such-config.yaml")
 
 
-def test_package_configs_are_found_and_load() -> None:
+def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) -> None:
+    from eva_rl.envs import resolve_tasks
+    from eva_rl.experiment import finetune_jobs, pretrain_job
+
     for name in ("quickstart.yaml", "cw10-cpu.yaml", "cw10-cpu-lite.yaml", "cw10-paper.yaml", "mujoco.yaml"):
-        config = load_experiment(name)
-        assert config.finetune.methods, name
+        full = load_experiment(name)
+        # one task and seed per config keeps this fast; every key is still checked by TrainConfig/FinetuneConfig
+        config = load_experiment(name, [f"out_dir={tmp_path / name}", "finetune.seeds=[0]",
+                                        f"finetune.tasks=[{resolve_tasks(list(full.finetune.tasks))[0]}]"])
+        job = pretrain_job(config, resolve_tasks(list(config.pretrain.tasks)))
+        assert job.config["out_dir"] == str(tmp_path / name / "pretrain") and job.config["data"]["paths"], name
+        jobs = finetune_jobs(config, list(config.finetune.tasks), tmp_path / "model")
+        assert len(jobs) == len(full.finetune.methods) * len(full.finetune.ranks) - (len(full.finetune.ranks) - 1) * (
+            "fft" in full.finetune.methods), name
+        for job in jobs:
+            assert job.config["method"] == job.point["method"] and job.config["train"]["seed"] == 0
+            assert job.config["train"]["out_dir"] == str(job.run_dir) and job.config["train"]["resume"] is True
+            assert len(job.config["train"]["data"]["paths"]) == len(config.collect.noises)
+    lite = load_experiment("cw10-cpu-lite.yaml")
+    fft = [j for j in finetune_jobs(lite, ["hammer-v3"], tmp_path / "model") if j.point["method"] == "fft"]
+    assert fft and all(j.config["train"]["optim"]["lr"] == 1e-4 for j in fft)  # method_overrides apply
 
 
 def test_failed_run_is_recorded_and_others_finish_then_rerun_skips(tmp_path: Path, capsys) -> None:
