@@ -358,18 +358,28 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, trainer_stat
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    _fsync_dir(tmp)  # the files' directory entries, before the dir gets its final name
+    replaced = None
+    if final.exists():  # a re-save of this step (resumed past a damaged copy): set it aside, not delete it first
+        replaced = checkpoints / f"{TMP_PREFIX}{final.name}-old-{os.getpid()}"
+        os.rename(final, replaced)
     os.rename(tmp, final)
-    directory = os.open(checkpoints, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    _fsync_dir(checkpoints)  # make the rename itself durable
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     write_text_atomic(checkpoints / "latest", final.name + "\n")
-    for old in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+    # Count only complete checkpoints: a stray step_* dir without its files must not push a good one out.
+    for old in complete_checkpoints(checkpoints)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def complete_checkpoints(checkpoints: Path) -> list[Path]:
@@ -533,7 +543,8 @@ def _context_length(policy: nn.Module) -> int:
 
 
 def _check_resume_config(saved: dict, current: dict) -> None:
-    ignored = {"resume", "progress"}
+    # out_dir: the checkpoint was found there, however it is spelled now (relative, absolute, moved)
+    ignored = {"resume", "progress", "out_dir"}
     diffs = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
@@ -548,6 +559,27 @@ def _check_resume_config(saved: dict, current: dict) -> None:
     if diffs:
         raise ValueError("Cannot resume: the config differs from the one that wrote the checkpoint ("
                          + "; ".join(diffs) + "). Resume with the same config, or start a new out_dir.")
+
+
+def check_run_dir(config: TrainConfig) -> Path | None:
+    """The newest complete checkpoint in config.out_dir that `config` may resume from, or None.
+
+    Raises FileExistsError when out_dir holds checkpoints but config.resume is off, and ValueError
+    when the checkpoint was written by a different config. Call it before writing anything into
+    out_dir (config.yaml), so that a refused run leaves the old run's files as they were.
+    """
+    found = find_checkpoint(Path(config.out_dir) / "checkpoints")
+    if found is None:
+        return None
+    if not config.resume:
+        raise FileExistsError(f"{config.out_dir!r} already holds checkpoints of a run ({found.name}). "
+                              f"Pass --resume (resume=true) to continue it, or choose another out_dir.")
+    try:
+        saved = json.loads((found / "meta.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return found  # damaged: the loader falls back to an older checkpoint and checks that one
+    _check_resume_config(saved, config_to_dict(config))
+    return found
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -579,25 +611,58 @@ def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any 
             dist.destroy_process_group()
 
 
+@dataclass
+class _Progress:
+    """Where the loop stands; everything here is checkpointed, so a resumed run logs what an uninterrupted one does."""
+
+    step: int = 0  # updates done
+    history: dict[str, Any] = field(default_factory=lambda: {
+        "train_loss": [], "val_action_error": [], "eval": [], "train_seconds": 0.0})
+    loss_sum: float = 0.0  # this rank's summed loss over the current log window
+    window_steps: int = 0  # updates in the current log window
+
+
+class _Log:
+    """Tensorboard and the progress bar, on rank 0; every call does nothing on the other ranks."""
+
+    def __init__(self, config: TrainConfig, ddp: _Dist, step: int, kind: str, trainable: int, total: int) -> None:
+        self.writer = self.bar = None
+        if not ddp.main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.writer = SummaryWriter(str(Path(config.out_dir) / "tb"), purge_step=step if step else None)
+        self.scalars({"params/trainable": trainable, "params/total": total}, step)
+        self.bar = tqdm(total=config.steps, initial=step, disable=not config.progress, dynamic_ncols=True,
+                        desc=kind)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def bar_update(self, steps: int = 0, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.bar.close()
+            self.writer.flush()
+            self.writer.close()
+
+
 def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step: Callable[[int], None] | None,
            run_info: RunInfo, on_end: Callable[[nn.Module], None] | None, ddp: _Dist) -> TrainResult:
     out_dir = Path(config.out_dir)
-    checkpoints = out_dir / "checkpoints"
-    device = resolve_device(config.device, ddp.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = resolve_precision(config.precision, device)
-    if dtype is not None and device.type == "cpu" and not cpu_supports_bf16():
-        log.warning("precision=bf16 on a CPU without native bf16 matmul (AVX512-BF16/AMX): bf16 is emulated "
-                    "and several times slower than fp32 here. precision=auto picks fp32 on such CPUs.")
+    device, dtype = _device_and_precision(config, ddp)
+    found = check_run_dir(config)  # before any work: a refused run fails fast
     if dataset is None:
         dataset = load_dataset(config)
     if policy is None:
         policy = build_policy(config, dataset)
-    found = find_checkpoint(checkpoints)
-    if found is not None and not config.resume:
-        raise FileExistsError(f"{str(out_dir)!r} already holds checkpoints of a run ({found.name}). "
-                              f"Pass --resume (resume=true) to continue it, or choose another out_dir.")
     train_data, val_data = dataset.split(config.data.val_fraction, config.seed) if config.data.val_fraction > 0 \
         else (dataset, None)
     context = _context_length(policy)
@@ -609,56 +674,18 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     optimizer, scheduler = build_optimizer(policy, config.optim, config.steps)
     generator = np.random.default_rng([config.seed, ddp.rank])
     torch.manual_seed(config.seed + ddp.rank)
-    history: dict[str, Any] = {"train_loss": [], "val_action_error": [], "eval": [], "train_seconds": 0.0}
-    step = 0
-
-    config_dict = json.loads(json.dumps(config_to_dict(config)))  # as stored in meta.json (tuples -> lists)
-    loaded = _load_newest_good(checkpoints, policy) if found is not None else None
-    if found is not None and loaded is None:
-        raise ValueError(f"No checkpoint in {str(checkpoints)!r} loads (see the warnings above). "
-                         f"Move the directory away to start afresh.")
-    if loaded is not None:
-        found, trainer_state, meta = loaded
-        _check_resume_config(meta["config"], config_dict)
-        if meta["world_size"] != ddp.world_size:
-            raise ValueError(f"Cannot resume {found}: it was written by {meta['world_size']} processes, "
-                             f"now {ddp.world_size}. Resume with the same --nproc_per_node.")
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        _set_rng_state(trainer_state["rng"][ddp.rank], generator, device)
-        if hasattr(on_step, "load_state_dict") and "hook" in trainer_state:
-            on_step.load_state_dict(trainer_state["hook"])
-        step = int(meta["step"])
-        history = meta["history"]
-        log.info("Resuming from %s (step %d of %d).", found, step, config.steps)
-
+    progress = _Progress()
+    if found is not None:
+        progress = _resume(out_dir / "checkpoints", config, policy, optimizer, scheduler, generator, device,
+                           on_step, ddp)
     log.info("Trainable parameters: %d of %d (%.2f%%); device %s, precision %s, %d process(es).",
              trainable, total, 100.0 * trainable / total, device, dtype or "fp32", ddp.world_size)
-    model: nn.Module = _LossModule(policy)
-    if ddp.world_size > 1:
-        # Unused heads (state/return prediction) get no gradient from the action loss.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=True)
-    if config.compile:
-        model = torch.compile(model)
+    model = _wrap(policy, config, device, ddp)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    val_batches = []
-    if val_data is not None:
-        val_generator = np.random.default_rng([config.seed, 1 << 20])
-        val_batches = [_with_action_mask(val_data.sample(config.batch_size, context, generator=val_generator), val_data)
-                       for _ in range(config.val_batches)]
+    val_batches = _validation_batches(val_data, config, context)
     eval_tasks = config.eval_tasks or tuple(dataset.task_names)
-    writer = bar = None
-    if ddp.main:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step if step else None)
-        writer.add_scalar("params/trainable", trainable, step)
-        writer.add_scalar("params/total", total, step)
-        bar = tqdm(total=config.steps, initial=step, disable=not config.progress, dynamic_ncols=True,
-                   desc=run_info.kind)
+    logger = _Log(config, ddp, progress.step, run_info.kind, trainable, total)
+    history = progress.history
 
     def measure(at: int) -> None:
         """Validation and evaluation at update `at` (rank 0), then every rank waits for it."""
@@ -667,20 +694,19 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
             if val_batches and ((config.val_every and at % config.val_every == 0) or last):
                 error = validation_action_error(policy, val_batches, device, dtype)
                 history["val_action_error"].append([at, error])
-                writer.add_scalar("val/action_error", error, at)
+                logger.scalars({"val/action_error": error}, at)
             if (config.eval_every and (at % config.eval_every == 0 or last)) or (at == 0 and config.eval_at_start):
                 entry = _eval_entry(_evaluate(policy, config, eval_tasks), at)
                 history["eval"].append(entry)
-                for key in ("success_rate", "return_mean"):
-                    writer.add_scalar(f"eval/{key}", entry[key], at)
-                bar.set_postfix(loss=_last(history["train_loss"]), success=entry["success_rate"], refresh=False)
+                logger.scalars({f"eval/{key}": entry[key] for key in ("success_rate", "return_mean")}, at)
+                logger.bar_update(loss=_last(history["train_loss"]), success=entry["success_rate"])
         _barrier(ddp)
 
-    if step == 0 and (config.eval_at_start or config.steps == 0):
+    if progress.step == 0 and (config.eval_at_start or config.steps == 0):
         measure(0)
-    loss_sum = torch.zeros((), device=device)
-    window_steps, window_start, grad_norm = 0, time.perf_counter(), torch.zeros(())
-    while step < config.steps:
+    loss_sum = torch.full((), progress.loss_sum, device=device)
+    window_start, grad_norm = time.perf_counter(), torch.zeros((), device=device)
+    while progress.step < config.steps:
         batch = _to_device(_with_action_mask(train_data.sample(
             config.batch_size, context, generator=generator, balance_tasks=config.data.balance_tasks),
             train_data), device)
@@ -691,46 +717,104 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
         optimizer.step()
         scheduler.step()
-        step += 1
+        progress.step += 1
+        step = progress.step
         loss_sum += loss.detach().float()
-        window_steps += 1
+        progress.window_steps += 1
         if on_step is not None:
             on_step(step)
         if step % config.log_every == 0 or step == config.steps:
+            _check_finite(loss_sum, grad_norm, step, ddp)
             seconds = time.perf_counter() - window_start
             history["train_seconds"] += seconds
-            mean_loss = float(_all_mean(loss_sum, ddp)) / window_steps
-            if not math.isfinite(mean_loss):
-                raise ValueError(f"Training loss became {mean_loss} at update {step}. Lower optim.lr, "
-                                 f"keep optim.grad_clip on, or check the dataset for NaN/inf values.")
+            mean_loss = float(_all_mean(loss_sum, ddp)) / progress.window_steps
             history["train_loss"].append([step, mean_loss])
-            if ddp.main:
-                writer.add_scalar("train/loss", mean_loss, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                writer.add_scalar("train/updates_per_second", window_steps / seconds, step)
-                bar.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
-                bar.update(window_steps)
+            logger.scalars({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                            "train/grad_norm": float(grad_norm),
+                            "train/updates_per_second": progress.window_steps / seconds}, step)
+            logger.bar_update(progress.window_steps, loss=f"{mean_loss:.4g}")
             loss_sum.zero_()
-            window_steps, window_start = 0, time.perf_counter()
+            progress.window_steps, window_start = 0, time.perf_counter()
         paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
         if _measures_at(config, step, bool(val_batches)):
             measure(step)
         if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
-            _checkpoint(checkpoints, step, policy, optimizer, scheduler, generator, device, on_step,
-                        history, config_dict, config.keep_checkpoints, ddp)
+            _check_finite(loss_sum, grad_norm, step, ddp)  # never checkpoint weights a NaN update broke
+            progress.loss_sum = float(loss_sum)
+            _checkpoint(out_dir / "checkpoints", progress, policy, optimizer, scheduler, generator, device,
+                        on_step, config, ddp)
         window_start += time.perf_counter() - paused
 
     metrics = _metrics(config, run_info, trainable, total, history)
+    logger.close()
     if ddp.main:
-        bar.close()
-        writer.flush()
-        writer.close()
         if on_end is not None:
             on_end(policy)
         write_metrics(out_dir / "metrics.json", metrics)
     _barrier(ddp)
-    return TrainResult(policy=policy, metrics=metrics, out_dir=out_dir, steps=step)
+    return TrainResult(policy=policy, metrics=metrics, out_dir=out_dir, steps=progress.step)
+
+
+def _device_and_precision(config: TrainConfig, ddp: _Dist) -> tuple[torch.device, torch.dtype | None]:
+    device = resolve_device(config.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_precision(config.precision, device)
+    if dtype is not None and device.type == "cpu" and not cpu_supports_bf16():
+        log.warning("precision=bf16 on a CPU without native bf16 matmul (AVX512-BF16/AMX): bf16 is emulated "
+                    "and several times slower than fp32 here. precision=auto picks fp32 on such CPUs.")
+    return device, dtype
+
+
+def _resume(checkpoints: Path, config: TrainConfig, policy: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, generator: np.random.Generator, device: torch.device, on_step: Any,
+            ddp: _Dist) -> _Progress:
+    """Load the newest good checkpoint into policy, optimizer, scheduler, RNGs and hook; its progress."""
+    loaded = _load_newest_good(checkpoints, policy)
+    if loaded is None:
+        raise ValueError(f"No checkpoint in {str(checkpoints)!r} loads (see the warnings above). "
+                         f"Move the directory away to start afresh.")
+    found, trainer_state, meta = loaded
+    _check_resume_config(meta["config"], config_to_dict(config))
+    if meta["world_size"] != ddp.world_size:
+        raise ValueError(f"Cannot resume {found}: it was written by {meta['world_size']} processes, "
+                         f"now {ddp.world_size}. Resume with the same --nproc_per_node.")
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    _set_rng_state(trainer_state["rng"][ddp.rank], generator, device)
+    if hasattr(on_step, "load_state_dict") and "hook" in trainer_state:
+        on_step.load_state_dict(trainer_state["hook"])
+    window = trainer_state.get("loss_window", {"sums": [0.0] * ddp.world_size, "steps": 0})
+    log.info("Resuming from %s (step %d of %d).", found, meta["step"], config.steps)
+    return _Progress(step=int(meta["step"]), history=meta["history"], loss_sum=float(window["sums"][ddp.rank]),
+                     window_steps=int(window["steps"]))
+
+
+def _wrap(policy: nn.Module, config: TrainConfig, device: torch.device, ddp: _Dist) -> nn.Module:
+    """The module the loop calls: `policy.loss` as forward, under DDP and torch.compile when asked."""
+    model: nn.Module = _LossModule(policy)
+    if ddp.world_size > 1:
+        # Unused heads (state/return prediction) get no gradient from the action loss.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
+    return torch.compile(model) if config.compile else model
+
+
+def _validation_batches(val_data: Any, config: TrainConfig, context: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed held-out windows (the same at every measurement, so the curve compares like with like)."""
+    if val_data is None:
+        return []
+    val_generator = np.random.default_rng([config.seed, 1 << 20])
+    return [_with_action_mask(val_data.sample(config.batch_size, context, generator=val_generator), val_data)
+            for _ in range(config.val_batches)]
+
+
+def _check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, step: int, ddp: _Dist) -> None:
+    """Stop (on every rank alike) once a loss or gradient norm is NaN/inf: the weights are broken."""
+    values = _all_mean(torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]), ddp)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"Training loss or gradient norm became non-finite by update {step}. Lower optim.lr, "
+                         f"keep optim.grad_clip on, or check the dataset for NaN/inf values.")
 
 
 def _measures_at(config: TrainConfig, step: int, has_val: bool) -> bool:
@@ -741,16 +825,19 @@ def _measures_at(config: TrainConfig, step: int, has_val: bool) -> bool:
     return bool(evaluates or validates)
 
 
-def _checkpoint(checkpoints: Path, step: int, policy: nn.Module, optimizer: torch.optim.Optimizer,
+def _checkpoint(checkpoints: Path, progress: _Progress, policy: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any, generator: np.random.Generator, device: torch.device, on_step: Any,
-                history: dict, config_dict: dict, keep: int, ddp: _Dist) -> None:
-    rng = _gather(_rng_state(generator, device), ddp)  # every rank's sampler and dropout state
+                config: TrainConfig, ddp: _Dist) -> None:
+    # every rank's sampler and dropout state, and its part of the open log window
+    per_rank = _gather((_rng_state(generator, device), progress.loss_sum), ddp)
     if ddp.main:
-        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": [rng for rng, _ in per_rank],
+                         "loss_window": {"sums": [loss for _, loss in per_rank], "steps": progress.window_steps}}
         if hasattr(on_step, "state_dict"):
             trainer_state["hook"] = on_step.state_dict()
-        meta = {"history": history, "config": config_dict, "world_size": ddp.world_size}
-        save_checkpoint(checkpoints, step, policy, trainer_state, meta, keep)
+        meta = {"history": progress.history, "config": config_to_dict(config), "world_size": ddp.world_size}
+        save_checkpoint(checkpoints, progress.step, policy, trainer_state, meta, config.keep_checkpoints)
     _barrier(ddp)
 
 
@@ -791,6 +878,7 @@ def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int,
 def pretrain(config: TrainConfig) -> TrainResult:
     """Pretrain a DT on config.data: writes config.yaml, tb/, checkpoints/, model/, metrics.json in out_dir."""
     out_dir = Path(config.out_dir)
+    check_run_dir(config)  # a refused run must not overwrite the config.yaml of the run in out_dir
     dataset = load_dataset(config)
     policy = build_policy(config, dataset)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -126,17 +126,21 @@ def test_loss_decreases_and_metrics_json(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("kill_step", [3, 7, 10])  # before any checkpoint, right after one, between
-def test_kill_and_resume_gives_the_same_weights(tmp_path, kill_step):
+# before any checkpoint, right after one, between; log_every=4 does not divide checkpoint_every=6, so
+# the checkpoint at 6 falls inside a log window whose losses must survive the kill
+@pytest.mark.parametrize("kill_step, log_every", [(3, 2), (7, 2), (10, 2), (7, 4)])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch, kill_step, log_every):
     dataset = tiny_dataset()
-    straight_config = tiny_config(tmp_path / "straight")
+    straight_config = tiny_config(tmp_path / "straight", f"log_every={log_every}")
     straight = train(straight_config, policy=fresh_policy(straight_config, dataset), dataset=dataset)
 
-    config = tiny_config(tmp_path / "killed")
+    config = tiny_config(tmp_path / "killed", f"log_every={log_every}")
     with pytest.raises(Kill):
         train(config, policy=fresh_policy(config, dataset), dataset=dataset, on_step=kill_at(kill_step))
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    resumed_config = tiny_config(tmp_path / "killed", "resume=true")
+    # resumed from another working directory, the run dir named by an absolute path: still the same run
+    monkeypatch.chdir(tmp_path)
+    resumed_config = tiny_config(Path("killed"), f"log_every={log_every}", "resume=true")
     resumed = train(resumed_config, policy=fresh_policy(config, dataset), dataset=dataset)
     assert_same_weights(straight.policy, resumed.policy)
     assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
@@ -178,6 +182,30 @@ def test_save_checkpoint_keeps_last_n(tmp_path):
         save_checkpoint(tmp_path, step, model, {"x": torch.zeros(1)}, {"history": {}}, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004"]
     assert find_checkpoint(tmp_path).name == "step_00000004"
+    # a stray step dir without its files (not a checkpoint) must not push a good one out
+    (tmp_path / "step_00000009").mkdir()
+    save_checkpoint(tmp_path, 5, model, {"x": torch.zeros(1)}, {"history": {}}, keep=2)
+    assert find_checkpoint(tmp_path).name == "step_00000005"
+    assert {"step_00000004", "step_00000005"} <= {p.name for p in tmp_path.glob("step_*")}
+    # re-saving a step replaces it whole, leaving no temp dir
+    save_checkpoint(tmp_path, 5, torch.nn.Linear(2, 2), {"x": torch.ones(1)}, {"history": {}}, keep=2)
+    assert torch.load(tmp_path / "step_00000005" / "trainer.pt")["x"].item() == 1.0
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_nan_update_stops_the_run_before_it_is_checkpointed(tmp_path):
+    dataset = tiny_dataset()
+    config = tiny_config(tmp_path, "log_every=4", "checkpoint_every=3")
+    policy = fresh_policy(config, dataset)
+
+    def break_weights(step: int) -> None:
+        if step == 5:  # the update of step 5 went NaN: the checkpoint at 6 must not hold it
+            with torch.no_grad():
+                policy.model.predict_action[0].weight.fill_(float("nan"))
+
+    with pytest.raises(ValueError, match="non-finite by update 6"):
+        train(config, policy=policy, dataset=dataset, on_step=break_weights)
+    assert find_checkpoint(tmp_path / "checkpoints").name == "step_00000003"
 
 
 def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_old_checkpoints(tmp_path):
@@ -207,6 +235,21 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_old_checkpoints
 def test_config_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(TrainConfig, None, [override])
+
+
+def test_refused_pretrain_leaves_the_runs_config_yaml(tmp_path, monkeypatch):
+    import eva_rl.train as train_module
+
+    dataset = tiny_dataset()
+    config = tiny_config(tmp_path, "steps=6", "checkpoint_every=3")
+    train(config, policy=fresh_policy(config, dataset), dataset=dataset)
+    (tmp_path / "config.yaml").write_text("the run's own config\n")
+    monkeypatch.setattr(train_module, "load_dataset", lambda config: dataset)
+    with pytest.raises(FileExistsError, match="resume"):
+        train_module.pretrain(tiny_config(tmp_path, "steps=6", "checkpoint_every=3", "optim.lr=5e-4"))
+    with pytest.raises(ValueError, match=r"optim\.lr: checkpoint 0\.001, now 0\.0005"):
+        train_module.pretrain(tiny_config(tmp_path, "steps=6", "checkpoint_every=3", "optim.lr=5e-4", "resume=true"))
+    assert (tmp_path / "config.yaml").read_text() == "the run's own config\n"
 
 
 def test_no_trainable_parameter_is_an_error(tmp_path):
