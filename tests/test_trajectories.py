@@ -198,6 +198,10 @@ def test_with_normalization_shares_arrays_and_checks_width():
     np.testing.assert_allclose(batch["returns_to_go"][0, 0, 0].item(), 4 / 5)
     assert data.return_scale == 1000.0  # the original is untouched
     assert torch.equal(data.sample(1, 1, generator=FixedStarts([3]))["states"], before["states"])
+    # each has its own default generator: sampling one does not move the other's stream
+    twin = data.with_normalization(None, None)
+    first = data.sample(8, 2)["timesteps"]
+    assert torch.equal(twin.sample(8, 2)["timesteps"], first)
     with pytest.raises(ValueError, match=r"state_mean has shape \(3,\), expected \(2,\)"):
         data.with_normalization(np.zeros(3), np.ones(2))
     with pytest.raises(ValueError, match=r"state_std has shape \(1,\), expected \(2,\)"):
@@ -344,6 +348,17 @@ def test_directory_that_is_not_a_minari_dataset(tmp_path: Path):
         load_trajectories(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["metadata", "missing hdf5"])
+def test_a_damaged_dataset_named_by_id_says_what_is_wrong(minari_root: Path, damage: str):
+    directory = write_minari(minari_root, "eva-rl/broken-v0", [make_episode(4)])
+    if damage == "metadata":
+        (directory / "data" / "metadata.json").write_text("{not json")
+    else:
+        (directory / "data" / "main_data.hdf5").unlink()
+    with pytest.raises(ValueError, match=r"Cannot open the Minari dataset in .*broken-v0.*collect it again"):
+        load_trajectories("eva-rl/broken-v0")  # not "neither a path nor a local id": it is there, damaged
+
+
 def test_truncated_hdf5_file(minari_root: Path):
     directory = write_minari(minari_root, "eva-rl/cut-v0", [make_episode(20), make_episode(20)])
     file = directory / "data" / "main_data.hdf5"
@@ -401,6 +416,16 @@ def test_mismatched_lengths_within_an_episode():
         TrajectoryDataset.from_episodes([long_obs], "a")
     with pytest.raises(ValueError, match="lacks \\['truncations'\\]"):
         TrajectoryDataset.from_episodes([{k: v for k, v in make_episode(2).items() if k != "truncations"}], "a")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("terminations", False), ("rewards", np.ones((3, 2))), ("truncations", np.zeros((3, 2), dtype=bool)),
+])
+def test_per_step_arrays_must_be_one_value_per_step(key, value):
+    with pytest.raises(ValueError, match=rf"episode 0: {key} has shape .*expected one value per step"):
+        TrajectoryDataset.from_episodes([{**make_episode(3), key: value}], "a")
+    column = {**make_episode(3), "rewards": np.ones((3, 1))}  # (T, 1) is fine
+    assert TrajectoryDataset.from_episodes([column], "a").num_steps == 3
 
 
 def test_same_task_with_different_widths_is_refused():

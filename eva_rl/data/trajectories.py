@@ -71,6 +71,9 @@ def _open_minari(source: Source) -> Any:
     looks_like_path = str(source).startswith(("/", ".", "~")) or path.suffix in (".hdf5", ".h5", ".json")
     if isinstance(source, os.PathLike) or path.exists() or looks_like_path:
         return _open_minari_path(path)
+    local = Path(minari.storage.get_dataset_path()) / str(source)
+    if local.is_dir():  # an id of a local dataset: open its folder, so a damaged one says what is wrong
+        return _open_minari_path(local)
     try:
         return minari.load_dataset(str(source), download=False)
     except (FileNotFoundError, ValueError):
@@ -276,6 +279,7 @@ class TrajectoryDataset:
         other.state_mean, other.state_std = _state_stats(self.observations, state_mean, state_std)
         other.return_scale = self.return_scale if return_scale is None else _check_return_scale(return_scale)
         other._tables = None  # they hold normalised values
+        other._rng = np.random.default_rng(0)  # its own stream: sampling one must not move the other's
         return other
 
     def split(self, val_fraction: float, seed: int) -> tuple[TrajectoryDataset, TrajectoryDataset]:
@@ -538,36 +542,50 @@ def _check_episode(episode: dict, i: int, task_names: tuple[str, ...]) -> dict:
         raise ValueError(f"{source} has task {task!r}, which is not in task_names {list(task_names)}.")
     observations = _as_2d(episode["observations"], "observations", source)
     actions = _as_2d(episode["actions"], "actions", source)
-    rewards = np.asarray(episode["rewards"], dtype=np.float32).reshape(-1)
+    rewards = _as_1d(episode["rewards"], "rewards", source, np.float32)
     steps = rewards.shape[0]
     if steps < 1:
         raise ValueError(f"{source} has no steps (an episode needs at least 1). Fix: drop it or recollect.")
+    terminations = _as_1d(episode["terminations"], "terminations", source, bool)
+    truncations = _as_1d(episode["truncations"], "truncations", source, bool)
     lengths = {
         "actions": (actions.shape[0], (steps,)),
-        "terminations": (np.shape(episode["terminations"])[0], (steps,)),
-        "truncations": (np.shape(episode["truncations"])[0], (steps,)),
+        "terminations": (terminations.shape[0], (steps,)),
+        "truncations": (truncations.shape[0], (steps,)),
         "observations": (observations.shape[0], (steps, steps + 1)),
     }
     success = episode.get("success")
     if success is not None:
-        lengths["success"] = (np.shape(success)[0], (steps, steps + 1))
+        success = _as_1d(success, "success", source, bool)
+        lengths["success"] = (success.shape[0], (steps, steps + 1))
     for key, (length, allowed) in lengths.items():
         if length not in allowed:
             raise ValueError(
                 f"{source}: {key} has {length} rows but rewards has {steps} steps (expected "
                 f"{' or '.join(map(str, allowed))}). Fix: the arrays of an episode must cover the same steps."
             )
-    success = np.zeros(steps, dtype=bool) if success is None else np.asarray(success, dtype=bool)[-steps:]
+    success = np.zeros(steps, dtype=bool) if success is None else success[-steps:]
     return {
         "observations": observations[:steps],
         "actions": actions,
         "rewards": rewards,
-        "terminations": np.asarray(episode["terminations"], dtype=bool),
-        "truncations": np.asarray(episode["truncations"], dtype=bool),
+        "terminations": terminations,
+        "truncations": truncations,
         "success": success,
         "task": task_names.index(task),
         "source": source,
     }
+
+
+def _as_1d(values: Any, key: str, source: str, dtype: type) -> np.ndarray:
+    """One value per step: (T,) or (T, 1); anything else is an error naming the array."""
+    array = np.asarray(values, dtype=dtype)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise ValueError(f"{source}: {key} has shape {array.shape}, expected one value per step (steps,). "
+                         "Fix: give a 1-D array.")
+    return array
 
 
 def _as_2d(values: Any, key: str, source: str) -> np.ndarray:
