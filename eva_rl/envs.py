@@ -29,6 +29,8 @@ FAMILIES = ("metaworld", "mujoco", "classic")
 
 # Meta-World's SawyerXYZEnv refuses to step past this many steps.
 METAWORLD_MAX_HORIZON = 500
+# Every Meta-World v3 task: a 39-dim observation and a 4-dim action.
+METAWORLD_SHAPES = ((39,), (4,))
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,13 @@ class TaskSpec:
                 f"got horizon={self.horizon}. Use a horizon of 500 or less."
             )
         _success_threshold(self.success, self.name)  # validates the rule
+        if self.terminate_on_success and self.success != "info":
+            # "survive" and "return>=X" are only known at the episode's last step, and turning a
+            # time-limit truncation into a termination would misreport how the episode ended.
+            raise ValueError(
+                f"Task {self.name!r}: terminate_on_success needs the 'info' success rule (success read "
+                f"during the episode), but this task's rule is {self.success!r}. Leave terminate_on_success off."
+            )
 
 
 @dataclass(frozen=True)
@@ -168,16 +177,19 @@ class _Float32Observation(gym.ObservationWrapper):
 
 
 class _SuccessInfo(gym.Wrapper):
-    """Writes `info["success"]` (bool) at every step by the task's rule.
+    """Writes `info["success"]` (bool) at every step by the task's rule, and ends the episode at the
+    first success when `terminate_on_success` (the same for every family: Meta-World's own
+    wrapper for it is left off).
 
     "info": the env's own flag. "survive": True at the last step of an episode that was truncated
     by the horizon without terminating. "return>=X": True at the last step if the return reached X.
     """
 
-    def __init__(self, env: gym.Env, rule: str, task: str):
+    def __init__(self, env: gym.Env, rule: str, task: str, terminate_on_success: bool = False):
         super().__init__(env)
         self._rule = rule
         self._threshold = _success_threshold(rule, task)
+        self._terminate_on_success = terminate_on_success
         self._episode_return = 0.0
 
     def reset(self, **kwargs: Any):
@@ -197,7 +209,7 @@ class _SuccessInfo(gym.Wrapper):
         else:
             success = bool(ended and self._episode_return >= self._threshold)
         info["success"] = success
-        return observation, reward, terminated, truncated, info
+        return observation, reward, terminated or (success and self._terminate_on_success), truncated, info
 
 
 class _SeedFirstReset(gym.Wrapper):
@@ -218,8 +230,7 @@ class _SeedFirstReset(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
 
-def _make_metaworld(spec: TaskSpec, seed: int, horizon: int, terminate_on_success: bool,
-                    render_mode: str | None, **kwargs: Any) -> gym.Env:
+def _make_metaworld(spec: TaskSpec, seed: int, horizon: int, render_mode: str | None, **kwargs: Any) -> gym.Env:
     import metaworld
 
     # The render camera must be chosen at construction; "corner" frames the whole table.
@@ -228,7 +239,7 @@ def _make_metaworld(spec: TaskSpec, seed: int, horizon: int, terminate_on_succes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         env = metaworld.make_mt_envs(spec.name, seed=seed, max_episode_steps=horizon,
-                                     terminate_on_success=terminate_on_success,
+                                     terminate_on_success=False,  # _SuccessInfo does it for every family
                                      render_mode=render_mode, **kwargs)
     # Goals come from the seeded task-selection wrapper; a reset seed would be ignored anyway.
     env.action_space.seed(seed)
@@ -258,10 +269,10 @@ def make_env(task: str, seed: int, *, horizon: int | None = None, terminate_on_s
         overrides["terminate_on_success"] = bool(terminate_on_success)
     spec = replace(spec, **overrides)  # re-runs the spec's validation (e.g. Meta-World's horizon cap)
     if spec.family == "metaworld":
-        env = _make_metaworld(spec, seed, spec.horizon, spec.terminate_on_success, render_mode, **kwargs)
+        env = _make_metaworld(spec, seed, spec.horizon, render_mode, **kwargs)
     else:
         env = _make_gymnasium(spec, seed, spec.horizon, render_mode, **kwargs)
-    env = _SuccessInfo(env, spec.success, spec.name)
+    env = _SuccessInfo(env, spec.success, spec.name, spec.terminate_on_success)
     return _Float32Observation(env)
 
 
@@ -277,17 +288,33 @@ def make_vector_env(tasks: Sequence[str], num_envs: int, seed: int, *, asynchron
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
     tasks = resolve_tasks(tasks)
-    shapes = {(task_spec(t).family == "metaworld") for t in tasks}
-    if len(tasks) > 1 and len(shapes) > 1:
-        raise ValueError(
-            f"Tasks {tasks} mix Meta-World and Gymnasium families, whose spaces differ; "
-            "build one vector env per family."
-        )
+    used = tasks[:num_envs]
+    if len(used) > 1:
+        shapes = {task: _space_shapes(task) for task in used}
+        if len(set(shapes.values())) > 1:
+            sizes = ", ".join(f"{task} {obs}/{act}" for task, (obs, act) in shapes.items())
+            raise ValueError(
+                f"Tasks of different observation/action sizes cannot share a vector env ({sizes}). "
+                "Build one vector env per task (or per group of tasks of one size)."
+            )
     factories: list[Callable[[], gym.Env]] = [
         functools.partial(make_env, tasks[i % len(tasks)], seed + i, **make_env_kwargs) for i in range(num_envs)
     ]
     vector_cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
     return vector_cls(factories, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+@functools.lru_cache(maxsize=None)
+def _space_shapes(task: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(observation shape, action shape) of `task`, without building a Meta-World env (about 1 s each)."""
+    spec = task_spec(task)
+    if spec.family == "metaworld":
+        return METAWORLD_SHAPES
+    env = gym.make(spec.name, disable_env_checker=True)
+    try:
+        return tuple(env.observation_space.shape), tuple(env.action_space.shape)
+    finally:
+        env.close()
 
 
 def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:

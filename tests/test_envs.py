@@ -98,6 +98,14 @@ def test_terminate_on_success_is_explicit():
     assert terminated and info["success"] and steps < 200
 
 
+def test_terminate_on_success_needs_a_rule_read_during_the_episode():
+    # it used to be ignored silently outside Meta-World; "survive"/"return>=X" are known only at the end
+    with pytest.raises(ValueError, match="terminate_on_success needs the 'info' success rule.*'return>=-200'"):
+        make_env("Pendulum-v1", 0, terminate_on_success=True)
+    with pytest.raises(ValueError, match="terminate_on_success needs the 'info' success rule.*'survive'"):
+        TaskSpec(name="Hopper-v5", family="mujoco", horizon=10, success="survive", terminate_on_success=True)
+
+
 def test_return_threshold_success_is_read_at_the_end():
     env = make_env("Pendulum-v1", 0, horizon=5)
     env.reset()
@@ -123,6 +131,15 @@ def test_vector_env_seeds_each_env():
     vec.close()
     with pytest.raises(ValueError, match="num_envs"):
         make_vector_env(["reach-v3"], 0, seed=0)
+    # sizes differ within a family too: one clear error, not gymnasium's RuntimeError
+    with pytest.raises(ValueError, match=r"different observation/action sizes.*Hopper-v5 \(11,\)/\(3,\).*"
+                                         r"HalfCheetah-v5 \(17,\)/\(6,\)"):
+        make_vector_env(["Hopper-v5", "HalfCheetah-v5"], 2, seed=0)
+    with pytest.raises(ValueError, match="different observation/action sizes"):
+        make_vector_env(["reach-v3", "Pendulum-v1"], 2, seed=0)
+    vec = make_vector_env(["Hopper-v5", "HalfCheetah-v5"], 1, seed=0)  # only Hopper is used
+    assert vec.single_observation_space.shape == (11,)
+    vec.close()
 
 
 def test_expert_only_where_one_exists():
