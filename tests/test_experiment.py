@@ -171,3 +171,37 @@ def test_ray_backend_on_a_local_instance(tmp_path: Path) -> None:
         assert run_jobs(jobs[:1], tiny_run, backend="ray", progress=False)[0].status == "skipped"
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EVA_RL_SLOW_TESTS"), reason="about 60 s of CPU: set EVA_RL_SLOW_TESTS=1")
+def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
+    """collect -> pretrain -> lora/eva grid -> report with the real stage functions, at toy scale."""
+    from eva_rl.experiment import run_experiment
+    from eva_rl.report import write_report
+
+    tiny = {"policy": {"preset": "tiny"}, "batch_size": 8, "log_every": 5, "val_every": 0, "eval_every": 0,
+            "checkpoint_every": 0, "optim": {"warmup_steps": 2}}
+    grid = {
+        "out_dir": str(tmp_path),
+        "collect": {"noises": [0.5], "pretrain_episodes": 2, "finetune_episodes": 3, "horizon": 20},
+        "pretrain": {"tasks": ["reach-v3"], "overrides": {**tiny, "steps": 10}},
+        "finetune": {"tasks": ["push-v3"], "methods": ["lora", "eva"], "ranks": [2], "overrides": {
+            "train": {**tiny, "steps": 6, "data": {"val_fraction": 0.34}, "val_every": 3, "eval_every": 6,
+                      "eval_episodes": 2, "eval_num_envs": 2, "eval_horizon": 20},
+            "eva": {"batch_size": 8, "max_batches": 4}}},
+    }
+    config = load_experiment(None, [f"{key}={json.dumps(value)}" for key, value in grid.items()])
+    result = run_experiment(config, workers=2, progress=False)
+    assert [r.status for r in result.runs] == ["done", "done"], [r.error for r in result.runs]
+    assert (tmp_path / "pretrain" / "model").is_dir() and is_done(tmp_path / "pretrain")
+    eva = tmp_path / "runs" / "push-v3" / "eva-r2-s0"
+    metrics = json.loads((eva / "metrics.json").read_text())
+    assert metrics["kind"] == "finetune" and metrics["method"] == "eva" and metrics["final"]["success_rate"] is not None
+    assert (eva / "eva_report.json").is_file()
+    # the same command again does no work: every stage is skipped
+    again = run_experiment(config, workers=2, progress=False)
+    assert again.pretrain.status == "skipped" and [r.status for r in again.runs] == ["skipped", "skipped"]
+    report = write_report(tmp_path, n_bootstrap=50, tensorboard=False)
+    assert report.tables["success"].variants == ("lora", "eva")
+    assert (tmp_path / "report" / "eva_ranks.png").is_file()
