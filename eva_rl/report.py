@@ -434,9 +434,10 @@ def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | N
         return None
     if measure in ("train_loss", "val_action_error"):
         ax.set_yscale("log")
+    title = MEASURES[measure].title.replace("Final training", "Training")  # a curve, not its last value
     ax.set_xlabel("fine-tuning steps")
-    ax.set_ylabel(MEASURES[measure].title)
-    ax.set_title(f"{MEASURES[measure].title} vs fine-tuning steps (mean, 95% band over runs)")
+    ax.set_ylabel(title)
+    ax.set_title(f"{title} vs fine-tuning steps (mean, 95% band over runs)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
