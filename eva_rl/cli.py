@@ -218,13 +218,17 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 
 def _run_experiment_and_report(config_name: str, overrides: list[str], args: argparse.Namespace,
                                report: bool = True):
-    from eva_rl.experiment import config_path, load_experiment, run_experiment
+    from eva_rl.experiment import StageFailed, config_path, load_experiment, run_experiment
     from eva_rl.report import write_report
 
     path = config_path(config_name)
     config = load_experiment(path, overrides)
-    result = run_experiment(config, backend=args.backend, workers=args.workers, address=args.address,
-                            overwrite=args.overwrite, yaml_path=path)
+    try:
+        result = run_experiment(config, backend=args.backend, workers=args.workers, address=args.address,
+                                overwrite=args.overwrite, yaml_path=path)
+    except StageFailed as exc:
+        print(f"eva-rl {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     for failed in result.failed:
         print(f"FAILED {failed.name}: {(failed.error or '').strip().splitlines()[-1:]}", file=sys.stderr)
     made = write_report(result.out_dir) if report and any(r.status != "failed" for r in result.runs) else None

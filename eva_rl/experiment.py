@@ -603,6 +603,10 @@ def _run_ray(jobs: Sequence[Job], run_fn: RunFn, address: str | None, bar: Progr
 
 # --- the pipeline's stages -----------------------------------------------------------------------
 
+class StageFailed(RuntimeError):
+    """A stage the later ones depend on (pretraining) failed; its error.txt says why."""
+
+
 @dataclass(frozen=True)
 class ExperimentResult:
     out_dir: Path
@@ -739,7 +743,7 @@ def run_experiment(config: ExperimentConfig, *, backend: str = "local", workers:
     collect_stage(config, pretrain_tasks, finetune_tasks, workers=stage_workers)
     pretrain_result = None
     if config.pretrain.checkpoint is not None:
-        checkpoint = Path(config.pretrain.checkpoint)
+        checkpoint = Path(config.pretrain.checkpoint).resolve()  # Ray workers may start elsewhere
         if not checkpoint.exists():
             raise FileNotFoundError(f"pretrain.checkpoint {str(checkpoint)!r} does not exist. Point it at a "
                                     f"pretrained model directory, or unset it and name pretrain.tasks.")
@@ -748,8 +752,8 @@ def run_experiment(config: ExperimentConfig, *, backend: str = "local", workers:
         [pretrain_result] = run_jobs([job], run_pretrain, backend=backend, workers=1, address=address,
                                      overwrite=overwrite, progress=progress, label=f"{config.name}: pretrain")
         if pretrain_result.status == "failed":
-            raise RuntimeError(f"Pretraining failed; see {job.run_dir / 'error.txt'}. Fix it and run again "
-                               f"(finished stages are skipped).")
+            raise StageFailed(f"Pretraining failed; see {job.run_dir / 'error.txt'}. Fix it and run again "
+                              f"(finished stages are skipped).")
         checkpoint = job.run_dir / "model"
     jobs = finetune_jobs(config, finetune_tasks, checkpoint, Path(yaml_path) if yaml_path else None)
     results = run_jobs(jobs, run_finetune, backend=backend, workers=workers, address=address, overwrite=overwrite,
