@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import minari
 import numpy as np
@@ -69,6 +71,11 @@ def test_sb3_model_file(tmp_path):
     np.testing.assert_allclose(episode.actions[0], expected, rtol=1e-6)
     with pytest.raises(FileNotFoundError, match="SB3 model file"):
         _collect(tmp_path, task="Pendulum-v1", policy="sb3:/nope.zip")
+    # the wrong algorithm, or a model of another task: one clear error, not SB3's traceback
+    with pytest.raises(ValueError, match=r"Cannot load .*ppo_pendulum\.zip as an SB3 SAC model.*sb3:.*:ALGO"):
+        _collect(tmp_path, task="Pendulum-v1", policy=f"sb3:{tmp_path / 'ppo_pendulum.zip'}:sac", noise=0.0, overwrite=True)
+    with pytest.raises(ValueError, match=r"trained with observation space Box.*\(3,\).*task's is Box.*\(11,\)"):
+        _collect(tmp_path, task="Hopper-v5", policy=f"sb3:{tmp_path / 'ppo_pendulum.zip'}", noise=0.0)
 
 
 def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
@@ -93,6 +100,34 @@ def test_a_crash_while_writing_leaves_the_old_dataset(tmp_path, monkeypatch):
         _collect(tmp_path, overwrite=True, episodes=3)
     assert minari.MinariDataset(summary.path / "data").total_episodes == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+def test_bad_names_and_existing_datasets_fail_at_the_call_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(collect_module, "collect_task", lambda *a: pytest.fail("collected"))
+    config = CollectConfig(episodes=1, out=str(tmp_path))
+    with pytest.raises(ValueError, match="Unknown task or suite 'nope-v3'"):
+        collect_tasks(["reach-v3", "nope-v3"], config)  # not iterated: the call itself raises
+    (tmp_path / dataset_id("push-v3", "expert", 0.1)).mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="push-v3-expert-noise0p1-v0' already exists.*--overwrite"):
+        collect_tasks(["reach-v3", "push-v3"], config)
+
+
+def test_a_failed_swap_puts_the_old_dataset_back(tmp_path, monkeypatch):
+    final, new = tmp_path / "final", tmp_path / "new"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new.mkdir()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == new:
+            raise OSError("cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(collect_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="cross-device"):
+        collect_module._move_into_place(new, final)
+    assert (final / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["final", "new"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -102,6 +102,11 @@ def datasets_root(out: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
 
 
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Dataset {str(path)!r} already exists. Pass --overwrite to replace it, or use another --out.")
+
+
 def _sb3_algorithm(path: Path) -> str:
     """The SB3 algorithm that saved `path`, read from its saved attributes.
 
@@ -128,7 +133,9 @@ def _sb3_algorithm(path: Path) -> str:
     )
 
 
-def _sb3_policy(spec: str) -> Callable[[np.ndarray], np.ndarray]:
+def _sb3_policy(spec: str, observation_space: gym.spaces.Space | None,
+                action_space: gym.spaces.Space) -> Callable[[np.ndarray], np.ndarray]:
+    """The deterministic policy of an SB3 model file, checked against the task's spaces."""
     import stable_baselines3
 
     parts = spec.split(":")
@@ -138,7 +145,21 @@ def _sb3_policy(spec: str) -> Callable[[np.ndarray], np.ndarray]:
     algo = parts[2].lower() if len(parts) > 2 else _sb3_algorithm(path)
     if algo not in SB3_ALGORITHMS:
         raise ValueError(f"Unknown SB3 algorithm {algo!r}; expected one of {SB3_ALGORITHMS}.")
-    model = getattr(stable_baselines3, algo.upper()).load(path, device="cpu")
+    try:
+        model = getattr(stable_baselines3, algo.upper()).load(path, device="cpu")
+    except Exception as exc:  # SB3 fails deep inside torch/pickle when the file or the algorithm is wrong
+        raise ValueError(
+            f"Cannot load {path} as an SB3 {algo.upper()} model ({type(exc).__name__}: {exc}). "
+            f"Name the algorithm that saved it: --policy sb3:{path}:ALGO, ALGO one of {SB3_ALGORITHMS}."
+        ) from None
+    expected = {"observation": observation_space, "action": action_space}
+    for name, theirs in (("observation", model.observation_space), ("action", model.action_space)):
+        ours = expected[name]
+        if ours is not None and getattr(theirs, "shape", None) != ours.shape:
+            raise ValueError(
+                f"SB3 model {path} was trained with {name} space {theirs}, but the task's is {ours}. "
+                "Collect with a model trained on this task."
+            )
 
     def act(observation: np.ndarray) -> np.ndarray:
         action, _ = model.predict(observation, deterministic=True)
@@ -147,9 +168,12 @@ def _sb3_policy(spec: str) -> Callable[[np.ndarray], np.ndarray]:
     return act
 
 
-def behaviour_policy(policy: str, task: str, action_space: gym.spaces.Box, noise: float,
-                     seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A function obs (obs_dim,) -> action (act_dim,): the named policy, plus clipped Gaussian noise."""
+def behaviour_policy(policy: str, task: str, action_space: gym.spaces.Box, noise: float, seed: int, *,
+                     observation_space: gym.spaces.Box | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function obs (obs_dim,) -> action (act_dim,): the named policy, plus clipped Gaussian noise.
+
+    observation_space, when given, is checked against an SB3 model's.
+    """
     rng = np.random.default_rng(seed)
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
     kind = policy.split(":", 1)[0]
@@ -159,7 +183,7 @@ def behaviour_policy(policy: str, task: str, action_space: gym.spaces.Box, noise
         def base(observation: np.ndarray) -> np.ndarray:
             return rng.uniform(low, high).astype(np.float32)
     else:
-        base = _sb3_policy(policy)
+        base = _sb3_policy(policy, observation_space, action_space)
     if noise == 0:
         return base
 
@@ -181,7 +205,8 @@ def collect_episodes(task: str, config: CollectConfig, env: gym.Env | None = Non
     success (T+1,) bool (index 0 is the reset, always False).
     """
     env = env if env is not None else make_env(task, config.seed, horizon=config.horizon)
-    act = behaviour_policy(config.policy, task, env.action_space, config.noise, config.seed)
+    act = behaviour_policy(config.policy, task, env.action_space, config.noise, config.seed,
+                           observation_space=env.observation_space)
     episodes = []
     for _ in range(config.episodes):
         observation, _ = env.reset()
@@ -222,8 +247,7 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
     from minari.data_collector import EpisodeBuffer
 
     final = root / dataset_id
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"Dataset {str(final)!r} already exists. Pass --overwrite to replace it, or use another --out.")
+    _refuse_existing(final, overwrite)
     buffers = [
         EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"], rewards=ep["rewards"],
                       terminations=ep["terminations"], truncations=ep["truncations"],
@@ -248,13 +272,7 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
             extra.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
         dataset.storage.update_metadata(extra)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(staging / dataset_id, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging / dataset_id, final)
+        _move_into_place(staging / dataset_id, final)
     finally:
         if previous is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
@@ -264,15 +282,31 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
     return final
 
 
+def _move_into_place(new: Path, final: Path) -> None:
+    """Rename the finished dataset `new` to `final`; an old `final` is set aside and restored on failure.
+
+    A directory cannot be swapped atomically; this keeps the window without a dataset at `final`
+    to two renames, and never loses the old one.
+    """
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
     """Collect `config.episodes` episodes of `task` and write them as one Minari dataset."""
     spec = task_spec(task)
     root = datasets_root(config.out)
     name = dataset_id(task, config.policy, config.noise)
-    if (root / name).exists() and not config.overwrite:
-        raise FileExistsError(
-            f"Dataset {str(root / name)!r} already exists. Pass --overwrite to replace it, or use another --out."
-        )
+    _refuse_existing(root / name, config.overwrite)
     env = make_env(task, config.seed, horizon=config.horizon)
     start = time.perf_counter()
     episodes = collect_episodes(task, config, env)
@@ -300,17 +334,20 @@ def _collect_task_star(args: tuple[str, CollectConfig]) -> DatasetSummary:
 def collect_tasks(tasks: Sequence[str], config: CollectConfig, *, progress: bool = True) -> Iterator[DatasetSummary]:
     """Collect every task in `tasks` (one dataset each), yielding summaries as they finish.
 
-    With `config.workers > 1` tasks run in parallel processes; each task's data does not depend
-    on the worker it ran in, so results are identical either way.
+    Bad task names and datasets that exist already (without `config.overwrite`) raise here, at
+    the call, before any task is collected. With `config.workers > 1` tasks run in parallel
+    processes; each task's data does not depend on the worker it ran in, so results are identical.
     """
+    tasks = list(tasks)
     for task in tasks:
-        task_spec(task)  # fail on a bad name before any work
+        task_spec(task)
     root = datasets_root(config.out)
-    if not config.overwrite:
-        for task in tasks:
-            existing = root / dataset_id(task, config.policy, config.noise)
-            if existing.exists():
-                raise FileExistsError(f"Dataset {str(existing)!r} already exists. Pass --overwrite to replace it.")
+    for task in tasks:
+        _refuse_existing(root / dataset_id(task, config.policy, config.noise), config.overwrite)
+    return _collect_each(tasks, config, progress)
+
+
+def _collect_each(tasks: list[str], config: CollectConfig, progress: bool) -> Iterator[DatasetSummary]:
     bar = tqdm(total=len(tasks), unit="task", desc="collect", disable=not progress)
     try:
         if config.workers == 1 or len(tasks) == 1:
