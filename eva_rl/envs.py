@@ -123,10 +123,19 @@ def load_suites() -> dict[str, Suite]:
 
 @functools.lru_cache(maxsize=1)
 def _all_tasks() -> dict[str, TaskSpec]:
+    """Every task of every suite; a task in several suites (push-v3 is in mt10, mt50, cw10) must be
+    declared alike in each, or which suite's horizon applies would depend on the file order."""
     tasks: dict[str, TaskSpec] = {}
+    first_suite: dict[str, str] = {}
     for suite in load_suites().values():
         for spec in suite.tasks:
+            if spec.name in tasks and tasks[spec.name] != spec:
+                raise ValueError(
+                    f"Task {spec.name!r} is declared differently in suites {first_suite[spec.name]!r} "
+                    f"({tasks[spec.name]}) and {suite.name!r} ({spec}). Make the suite files agree."
+                )
             tasks.setdefault(spec.name, spec)
+            first_suite.setdefault(spec.name, suite.name)
     return tasks
 
 

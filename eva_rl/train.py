@@ -391,8 +391,9 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
     """
     if not checkpoints.is_dir():
         return []
+    files = ("meta.json", "trainer.pt", "model.safetensors")
     return [path for path in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
-            if path.is_dir() and all((path / name).is_file() for name in ("meta.json", "trainer.pt", "model.safetensors"))]
+            if path.is_dir() and all((path / name).is_file() for name in files)]
 
 
 def find_checkpoint(checkpoints: Path) -> Path | None:

@@ -1,4 +1,3 @@
-import json
 import os
 from pathlib import Path
 
@@ -73,7 +72,8 @@ def test_sb3_model_file(tmp_path):
         _collect(tmp_path, task="Pendulum-v1", policy="sb3:/nope.zip")
     # the wrong algorithm, or a model of another task: one clear error, not SB3's traceback
     with pytest.raises(ValueError, match=r"Cannot load .*ppo_pendulum\.zip as an SB3 SAC model.*sb3:.*:ALGO"):
-        _collect(tmp_path, task="Pendulum-v1", policy=f"sb3:{tmp_path / 'ppo_pendulum.zip'}:sac", noise=0.0, overwrite=True)
+        _collect(tmp_path, task="Pendulum-v1", policy=f"sb3:{tmp_path / 'ppo_pendulum.zip'}:sac", noise=0.0,
+                 overwrite=True)
     with pytest.raises(ValueError, match=r"trained with observation space Box.*\(3,\).*task's is Box.*\(11,\)"):
         _collect(tmp_path, task="Hopper-v5", policy=f"sb3:{tmp_path / 'ppo_pendulum.zip'}", noise=0.0)
 

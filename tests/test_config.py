@@ -73,7 +73,8 @@ def test_unknown_top_level_key(tmp_path):
     ("optim=3", "optim", "not a subclass of Optim"),
 ])
 def test_wrong_type_names_the_key_in_one_line(override, key, detail):
-    with pytest.raises(ValueError, match=rf"Bad value for config key '{key}' in override '{override}': .*{detail}") as error:
+    message = rf"Bad value for config key '{key}' in override '{override}': .*{detail}"
+    with pytest.raises(ValueError, match=message) as error:
         load_config(Run, None, [override])
     assert_one_clean_line(error)
     assert not str(error.value).endswith("..")
@@ -110,7 +111,8 @@ def test_bad_override_form_and_interpolation():
         load_config(Run, None, ["steps"])
     with pytest.raises(ValueError, match="not of the form key=value"):
         load_config(Run, None, ["=3"])
-    with pytest.raises(ValueError, match=r"Bad value for config key 'name': Interpolation key 'oops' not found") as error:
+    message = r"Bad value for config key 'name': Interpolation key 'oops' not found"
+    with pytest.raises(ValueError, match=message) as error:
         load_config(Run, None, ["name=${oops}"])
     assert_one_clean_line(error)
 

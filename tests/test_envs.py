@@ -22,6 +22,20 @@ def test_suites_have_the_documented_tasks():
     assert task_spec("hammer-v3").terminate_on_success is False
 
 
+def test_a_task_declared_differently_in_two_suites_is_an_error(monkeypatch):
+    from eva_rl import envs
+
+    a = envs.Suite("a", "metaworld", (TaskSpec("push-v3", "metaworld", horizon=200),))
+    b = envs.Suite("b", "metaworld", (TaskSpec("push-v3", "metaworld", horizon=500),))
+    monkeypatch.setattr(envs, "load_suites", lambda: {"a": a, "b": b})
+    envs._all_tasks.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'push-v3' is declared differently in suites 'a' .* and 'b'"):
+            task_spec("push-v3")
+    finally:
+        envs._all_tasks.cache_clear()
+
+
 def test_resolve_keeps_order_and_drops_repeats():
     assert resolve_tasks(["reach-v3", "cw10", "hammer-v3"])[:3] == ["reach-v3", "hammer-v3", "push-wall-v3"]
     assert len(resolve_tasks(["cw10", "hammer-v3"])) == 10

@@ -104,7 +104,9 @@ def datasets_root(out: str | os.PathLike | None = None) -> Path:
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise FileExistsError(f"Dataset {str(path)!r} already exists. Pass --overwrite to replace it, or use another --out.")
+        raise FileExistsError(
+            f"Dataset {str(path)!r} already exists. Pass --overwrite to replace it, or use another --out."
+        )
 
 
 def _sb3_algorithm(path: Path) -> str:
@@ -118,7 +120,9 @@ def _sb3_algorithm(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             data = json.loads(archive.read("data"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a Stable-Baselines3 model file ({exc}). Give the .zip written by model.save().") from None
+        raise ValueError(
+            f"{path} is not a Stable-Baselines3 model file ({exc}). Give the .zip written by model.save()."
+        ) from None
     module = data.get("policy_class", {}).get("__module__", "")
     for name in ("sac", "td3", "dqn"):
         if f".{name}." in f".{module}.":
