@@ -50,6 +50,24 @@ def test_noise_changes_actions_and_zero_noise_is_the_expert(tmp_path):
     assert policy_tag("expert", 0.0) == "expert" and policy_tag("random", 1.0) == "random-noise1"
 
 
+def test_collect_episodes_leaves_a_callers_env_open():
+    import gymnasium as gym
+
+    from eva_rl.envs import make_env
+
+    class CountCloses(gym.Wrapper):
+        closes = 0
+
+        def close(self):
+            CountCloses.closes += 1
+            super().close()
+
+    config = CollectConfig(policy="random", noise=0.0, episodes=1, horizon=3)
+    env = CountCloses(make_env("Pendulum-v1", 0, horizon=3))
+    assert len(collect_episodes("Pendulum-v1", config, env)[0]["rewards"]) == 3
+    assert CountCloses.closes == 0  # the caller owns it (collect_task reads its spaces afterwards)
+
+
 def test_random_policy_and_metadata_by_id(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     config = CollectConfig(policy="random", noise=0.0, episodes=3, horizon=10)

@@ -202,13 +202,22 @@ def collect_episodes(task: str, config: CollectConfig, env: gym.Env | None = Non
     """Roll out the behaviour policy for `config.episodes` episodes of `task`.
 
     `env` (optional) is a fresh `make_env(task, config.seed, horizon=config.horizon)`, for callers
-    that also need its spaces (building a Meta-World env costs a second).
+    that also need its spaces (building a Meta-World env costs a second); the caller closes it.
 
     Each episode: observations (T+1, obs_dim) float32 (the last one after the final step),
     actions (T, act_dim) float32, rewards (T,) float64, terminations (T,) bool, truncations (T,) bool,
     success (T+1,) bool (index 0 is the reset, always False).
     """
-    env = env if env is not None else make_env(task, config.seed, horizon=config.horizon)
+    owned = env is None
+    env = make_env(task, config.seed, horizon=config.horizon) if owned else env
+    try:
+        return _roll_out(env, task, config)
+    finally:
+        if owned:
+            env.close()
+
+
+def _roll_out(env: gym.Env, task: str, config: CollectConfig) -> list[dict[str, np.ndarray]]:
     act = behaviour_policy(config.policy, task, env.action_space, config.noise, config.seed,
                            observation_space=env.observation_space)
     episodes = []
@@ -234,7 +243,6 @@ def collect_episodes(task: str, config: CollectConfig, env: gym.Env | None = Non
             "truncations": np.asarray(truncations, dtype=bool),
             "success": np.asarray(success, dtype=bool),
         })
-    env.close()
     return episodes
 
 
@@ -312,9 +320,12 @@ def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
     name = dataset_id(task, config.policy, config.noise)
     _refuse_existing(root / name, config.overwrite)
     env = make_env(task, config.seed, horizon=config.horizon)
-    start = time.perf_counter()
-    episodes = collect_episodes(task, config, env)
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        episodes = collect_episodes(task, config, env)
+        seconds = time.perf_counter() - start
+    finally:
+        env.close()
     returns = np.array([ep["rewards"].sum() for ep in episodes])
     success = np.array([ep["success"].any() for ep in episodes])
     steps = int(sum(len(ep["rewards"]) for ep in episodes))
