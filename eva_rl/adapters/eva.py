@@ -12,9 +12,10 @@ real steps enter the statistics; left padding never does.
 The native backend keeps, per matrix, the running sums of the centred inputs (float64):
     n, s = sum(x - c), S = sum((x - c)(x - c)^T)   (c: a fixed shift, the first batch's mean)
 so the covariance (S - s s^T / n) / (n - 1) is exact for all tokens seen so far (no truncation,
-unlike incremental PCA). Its top eigenvectors are found by eigh for narrow matrices and by
-warm-started subspace iteration with Rayleigh-Ritz for wide ones (in_features above
-`eigh_max_width`), whose cost per batch is a few (d x d)(d x p) products. The sums add across
+unlike incremental PCA). Its top eigenvectors are found by warm-started subspace iteration with
+Rayleigh-Ritz (an oversampled block of p = 2 r rho columns, at least r rho + 8), whose cost per
+batch is a few (d x d)(d x p) products; a full eigh (d^3, and slow on busy CPUs) is only used
+for matrices at most `eigh_max_width` wide. The sums add across
 processes, so under torch.distributed they are all-reduced and every rank gets the same A.
 After each batch a component has converged when its cosine with the previous batch's is >= tau
 (and the eigen-solver's residual for it is small); a matrix stops being fed once the
@@ -170,8 +171,9 @@ class _StopForward(Exception):
 class _LayerStatistics:
     """Running centred input statistics of one matrix and its top eigenvectors (float64)."""
 
-    def __init__(self, name: str, width: int, components: int, eigh_max_width: int, seed: int) -> None:
-        self.name, self.width, self.components = name, width, components
+    def __init__(self, name: str, width: int, components: int, eigh_max_width: int, seed: int,
+                 tau: float = 0.99) -> None:
+        self.name, self.width, self.components, self.tau = name, width, components, tau
         self.use_eigh = width <= eigh_max_width
         self.block = min(width, components + max(components, 8))  # oversampled block for subspace iteration
         self.n = 0.0
@@ -186,6 +188,7 @@ class _LayerStatistics:
         self.solved = torch.zeros(components, dtype=torch.bool)  # eigen-solver residual small enough
         self.generator = torch.Generator().manual_seed(seed)
         self.fingerprint: torch.Tensor | None = None
+        self._covariance: torch.Tensor | None = None  # cached until the next add
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -213,31 +216,40 @@ class _LayerStatistics:
         self.sum += total
         self.n += float(count.item())
         self.batches += 1
+        self._covariance = None
 
     def covariance(self) -> torch.Tensor:
-        """(width, width) centred covariance of every row seen so far."""
-        n = max(self.n, 2.0)
-        mean = self.sum / n
-        return (self.scatter - n * torch.outer(mean, mean)) / (n - 1.0)
+        """(width, width) centred covariance of every row seen so far (cached until the next add)."""
+        if self._covariance is None:
+            n = max(self.n, 2.0)
+            mean = self.sum / n
+            self._covariance = (self.scatter - n * torch.outer(mean, mean)) / (n - 1.0)
+        return self._covariance
 
     @torch.no_grad()
-    def solve(self, *, max_iters: int = 25, tol: float = 1e-6) -> None:
-        """Top eigenvectors of the current covariance; then per-component convergence vs the last ones."""
+    def solve(self, *, max_iters: int = 10, tol: float = 1e-4) -> None:
+        """Top eigenvectors of the current covariance; then per-component convergence vs the last ones.
+
+        tol: largest eigen-residual |C v - l v| / l_1 at which a component counts as solved; a
+        component can only converge once solved, so a slow solver never fakes convergence.
+        """
         cov = self.covariance()
         m = self.components
         if self.use_eigh or self.block * 2 >= self.width:
             values, vectors = torch.linalg.eigh(cov)
-            self.values, self.vectors = values.flip(0), vectors.flip(1)[:, : self.block]
+            self.values, self.vectors = values.flip(0), vectors.flip(1)[:, : self.block].float()
             self.solved = torch.ones(m, dtype=torch.bool)
         else:
+            # float32 products: the statistics stay float64, the iteration needs no more than 1e-6.
+            c32 = cov.float()
             q = self.vectors if self.vectors is not None else torch.linalg.qr(
-                torch.randn(self.width, self.block, generator=self.generator, dtype=torch.float64).to(cov.device))[0]
+                torch.randn(self.width, self.block, generator=self.generator).to(cov.device))[0]
             for iteration in range(max_iters):
-                z = cov @ q  # (width, block)
-                ritz, small = torch.linalg.eigh(q.T @ z)  # Rayleigh-Ritz on the block
-                ritz, small = ritz.flip(0), small.flip(1)
+                z = c32 @ q  # (width, block)
+                ritz, small = torch.linalg.eigh((q.T @ z).double())  # Rayleigh-Ritz on the block
+                ritz, small = ritz.flip(0), small.flip(1).float()
                 q, z = q @ small, z @ small
-                residual = (z[:, :m] - q[:, :m] * ritz[:m]).norm(dim=0) / ritz[0].clamp(min=1e-30)
+                residual = (z[:, :m] - q[:, :m] * ritz[:m].float()).norm(dim=0) / float(ritz[0].clamp(min=1e-30))
                 self.solved = (residual <= tol).cpu()
                 if bool(self.solved.all()) or iteration == max_iters - 1:
                     break
@@ -246,10 +258,8 @@ class _LayerStatistics:
         current = self.vectors[:, :m]
         if self.previous is not None:
             cosine = (current * self.previous).sum(0).abs().cpu()
-            self.converged = (cosine >= self._tau) & self.solved
+            self.converged = (cosine >= self.tau) & self.solved
         self.previous = current.clone()
-
-    _tau = 0.99
 
     def explained_variance_ratio(self) -> torch.Tensor:
         total = torch.diagonal(self.covariance()).sum().clamp(min=1e-30)
@@ -260,7 +270,7 @@ class _LayerStatistics:
         """Tighten the wide matrices' eigenvectors once at the end (no convergence bookkeeping)."""
         if not (self.use_eigh or self.block * 2 >= self.width) and self.vectors is not None:
             previous, converged = self.previous, self.converged
-            self.solve(max_iters=300, tol=1e-8)
+            self.solve(max_iters=30, tol=1e-5)
             self.previous, self.converged = previous, converged
 
     def components_rows(self, rank: int) -> torch.Tensor:
@@ -309,7 +319,7 @@ def eva_state_dict(
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     max_batches: int = 100,
     backend: str = "native",
-    eigh_max_width: int = 1024,
+    eigh_max_width: int = 64,
     device: str | torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], EvaReport]:
     """EVA's A for each target matrix of a frozen DT, and a report.
@@ -369,10 +379,8 @@ def _check_token_count(batch: Mapping[str, torch.Tensor], tokens: Sequence[str],
 def _native(model: nn.Module, dt: nn.Module, names: Sequence[str], batches: Iterator[dict], *, rank: int, rho: float,
             tau: float, tokens: tuple[str, ...], components: int, max_batches: int,
             eigh_max_width: int) -> tuple[dict[str, torch.Tensor], EvaReport]:
-    stats = {name: _LayerStatistics(name, layer_features(dt, name)[0], components, eigh_max_width, seed=i)
+    stats = {name: _LayerStatistics(name, layer_features(dt, name)[0], components, eigh_max_width, seed=i, tau=tau)
              for i, name in enumerate(names)}
-    for s in stats.values():
-        s._tau = tau
     needed = {name: components for name in names}  # components each matrix's current rank needs
     shared: dict[str, str] = {}  # follower -> leader (identical inputs)
     state: dict[str, Any] = {"mask": None, "last": None}
