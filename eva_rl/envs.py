@@ -239,17 +239,36 @@ class _SeedFirstReset(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
 
+@functools.lru_cache(maxsize=512)
+def _metaworld_goals(name: str, seed: int) -> tuple:
+    """Meta-World's 50 seeded goal variants of task `name` (what `MT1(name, seed)` draws).
+
+    Drawing them costs 50 env resets (about a second); evaluation rebuilds the same envs
+    (same task, same seeds) at every periodic evaluation, so they are drawn once per process.
+    """
+    import metaworld
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuple(metaworld.MT1(name, seed=seed).train_tasks)
+
+
 def _make_metaworld(spec: TaskSpec, seed: int, horizon: int, render_mode: str | None, **kwargs: Any) -> gym.Env:
     import metaworld
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     # The render camera must be chosen at construction; "corner" frames the whole table.
     if render_mode is not None:
         kwargs.setdefault("camera_name", "corner")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        env = metaworld.make_mt_envs(spec.name, seed=seed, max_episode_steps=horizon,
-                                     terminate_on_success=False,  # _SuccessInfo does it for every family
-                                     render_mode=render_mode, **kwargs)
+        # What metaworld.make_mt_envs(name, seed=...) does, minus re-drawing the cached goals
+        # (metaworld is pinned to 3.1.x, whose _init_each_env this is).
+        env = metaworld._init_each_env(
+            env_cls=ALL_V3_ENVIRONMENTS[spec.name], tasks=list(_metaworld_goals(spec.name, seed)), seed=seed,
+            num_tasks=1, max_episode_steps=horizon,
+            terminate_on_success=False,  # _SuccessInfo does it for every family
+            render_mode=render_mode, **kwargs)
     # Goals come from the seeded task-selection wrapper; a reset seed would be ignored anyway.
     env.action_space.seed(seed)
     return env

@@ -159,3 +159,14 @@ def test_vector_env_seeds_each_env():
 def test_expert_only_where_one_exists():
     with pytest.raises(ValueError, match="sb3:PATH"):
         expert_policy("Hopper-v5")
+
+
+def test_metaworld_env_matches_metaworlds_own_seeded_benchmark():
+    import metaworld
+
+    reference = metaworld.make_mt_envs("push-v3", seed=2, max_episode_steps=200)
+    ours, again = make_env("push-v3", 2), make_env("push-v3", 2)  # the second reuses the cached goals
+    for _ in range(3):
+        expected = reference.reset()[0]
+        np.testing.assert_allclose(ours.reset()[0], expected, rtol=1e-6)
+        np.testing.assert_allclose(again.reset()[0], expected, rtol=1e-6)
