@@ -505,7 +505,7 @@ def run_jobs(jobs: Sequence[Job], run_fn: RunFn, *, backend: str = "local", work
             results += _run_local(todo, run_fn, workers, bar, poll_seconds)
         else:
             results += _run_ray(todo, run_fn, address, bar, poll_seconds)
-    bar.show(force=True)
+    bar.show()
     order = {j.name: i for i, j in enumerate(jobs)}
     return sorted(results, key=lambda r: order.get(r.name, len(order)))
 
