@@ -34,7 +34,7 @@ from torch import nn
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import save_config
-from eva_rl.train import DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, train
+from eva_rl.train import DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, check_run_dir, train
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     from eva_rl.data.trajectories import load_trajectories
 
     out_dir = Path(config.train.out_dir)
+    check_run_dir(config.train)  # a refused start or resume must leave the old run's files as they were
     if not config.train.data.paths:
         raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
                          "train.data.paths='[eva-rl/push-v3-expert-v0]'.")

@@ -366,6 +366,9 @@ class DecisionTransformerPolicy(nn.Module):
             _check_model_matches(model.config, config)
         self.config = config
         self.model = model
+        # GPT-2's token embedding is never used (the DT feeds inputs_embeds); frozen so that it is
+        # neither trained nor counted as trainable.
+        self.model.encoder.wte.weight.requires_grad_(False)
         # non-persistent: they are in eva_rl.json, not in the weights file
         self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
         self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)

@@ -96,6 +96,15 @@ def test_resume_reuses_eva_components(setup, tmp_path) -> None:
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first
 
 
+def test_a_refused_restart_leaves_the_old_run_untouched(setup, tmp_path) -> None:
+    out = tmp_path / "refused"
+    finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="lora", **{"train.eval_every": 0})))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(FileExistsError, match="resume"):
+        finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="dora", **{"train.eval_every": 0})))
+    assert (out / "config.yaml").read_text() == before
+
+
 def test_zero_steps_writes_the_initial_adapter_and_evaluates_the_unchanged_policy(setup, tmp_path) -> None:
     out = tmp_path / "zero"
     result = finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="pissa", **{"train.steps": 0})))

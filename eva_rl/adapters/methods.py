@@ -281,6 +281,10 @@ def check_targets(policy_or_model: nn.Module, method: str, rank: int,
     return names
 
 
+# GPT-2's token embedding: the DT feeds inputs_embeds, so it never receives a gradient.
+UNUSED_PARAMETER = "encoder.wte.weight"
+
+
 def apply_method(
     policy_or_model: nn.Module,
     method: str,
@@ -312,8 +316,8 @@ def apply_method(
         modules_to_save=tuple(modules_to_save), total_steps=total_steps, eva_weights=eva_weights,
     )
     if spec.build_config is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.endswith(UNUSED_PARAMETER))
         adapted = model
         ranks = {n: 0 for n in names}
     else:
