@@ -584,6 +584,9 @@ def _run_ray(jobs: Sequence[Job], run_fn: RunFn, address: str | None, bar: Progr
         ref = remote.options(num_cpus=job.cpus, num_gpus=job.gpus).remote(run_fn, job, job.cpus)
         refs[ref] = job
     results: list[JobResult] = []
+    # Ray queues what does not fit; count as running only what the cluster's CPUs can hold at once.
+    capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // max(1, max(j.cpus for j in jobs))))
+    bar.update(min(len(refs), capacity))
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(poll, 1.0))
         finished = []
@@ -597,7 +600,7 @@ def _run_ray(jobs: Sequence[Job], run_fn: RunFn, address: str | None, bar: Progr
                 _write_run_json(job.run_dir, status="failed", finished=time.time(), error=error.strip())
                 finished.append(JobResult(job.name, "failed", 0.0, error))
         results += finished
-        bar.update(len(refs), finished)
+        bar.update(min(len(refs), capacity), finished)
     return results
 
 
