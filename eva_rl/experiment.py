@@ -454,9 +454,11 @@ class Progress:
         self.show()
 
     def eta_seconds(self) -> float | None:
+        left = self.total - self.done - self.failed
+        if left == 0:
+            return 0.0
         if not self.durations:
             return None
-        left = self.total - self.done - self.failed
         mean = sum(self.durations) / len(self.durations)
         return max(0.0, (left - self.running / 2) * mean / self.workers)
 

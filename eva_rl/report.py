@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -548,6 +549,8 @@ def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
+    if log_dir.is_dir():
+        shutil.rmtree(log_dir)  # regenerated from the runs each time; stale entries would show twice
     with SummaryWriter(log_dir=str(log_dir)) as writer:
         for r in runs:
             hparams: dict[str, Any] = {"task": str(r.task), "seed": r.seed, "method": str(r.method)}
