@@ -174,8 +174,8 @@ def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune") -> list[Ru
         raise FileNotFoundError(f"Runs directory {str(root)!r} does not exist. Pass the out_dir of an experiment.")
     found: list[tuple[Path, dict, dict]] = []
     for path in sorted(root.rglob("metrics.json")):
-        if "report" in path.relative_to(root).parts[:-1]:
-            continue
+        if {"report", "_replaced"} & set(path.relative_to(root).parts[:-1]):
+            continue  # our own output, and runs an --overwrite moved aside
         try:
             metrics = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -633,6 +633,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
 def _failed_runs(root: Path) -> list[Path]:
     failed = []
     for run_json in sorted(root.rglob("run.json")):
+        if "_replaced" in run_json.relative_to(root).parts:
+            continue
         try:
             if json.loads(run_json.read_text()).get("status") == "failed":
                 failed.append(run_json.parent)

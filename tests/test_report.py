@@ -53,6 +53,8 @@ def runs_dir(tmp_path: Path) -> Path:
     for (method, task, seed), (success, loss, error) in FINALS.items():
         write_run(tmp_path, method, task, seed, success, loss, error,
                   params={"fft": 100_000, "lora": 2000, "eva": 2000}[method])
+    # runs moved aside by --overwrite are not rows either
+    write_run(tmp_path / "task-a" / "_replaced", "lora", "task-a", 0, 0.0, 9.0, 9.0)
     # a pretraining run in the same tree is not a table row
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "metrics.json").write_text(json.dumps({"kind": "pretrain", "seed": 0, "final": {}}))
