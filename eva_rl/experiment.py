@@ -202,7 +202,7 @@ class Job:
 @dataclass(frozen=True)
 class JobResult:
     name: str
-    status: str                # "done" | "skipped" | "failed"
+    status: str                # "done" | "skipped" (finished before) | "failed" | "busy" (another process runs it)
     seconds: float
     error: str | None = None
 
@@ -414,6 +414,10 @@ def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job
         elif is_done(job.run_dir):
             skipped.append(JobResult(job.name, "skipped", 0.0))
             continue
+        elif _running_elsewhere(recorded):
+            # another experiment process is running this very run: two writers would corrupt it
+            skipped.append(JobResult(job.name, "busy", 0.0, f"running in process {recorded['pid']}"))
+            continue
         todo.append(job)
     if conflicts:
         names = ", ".join(str(j.run_dir) for j in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
@@ -421,6 +425,19 @@ def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job
             f"{len(conflicts)} run directories hold results of a different config: {names}. "
             f"Use another out_dir, or pass --overwrite to move them to _replaced/ and run again.")
     return todo, skipped
+
+
+def _running_elsewhere(recorded: dict[str, Any]) -> bool:
+    """True when run.json says running and its (python) process on this host is alive."""
+    if recorded.get("status") != "running" or recorded.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(recorded["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path("/proc").is_dir() else b"python"
+        os.kill(pid, 0)
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+    return pid != os.getpid() and b"python" in cmdline
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -500,7 +517,10 @@ def run_jobs(jobs: Sequence[Job], run_fn: RunFn, *, backend: str = "local", work
     workers = workers or default_workers(cpus)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}.")
-    bar = Progress(label, len(jobs), workers, skipped=len(results), enabled=progress)
+    busy = [r for r in results if r.status == "busy"]
+    for r in busy:
+        print(f"[{label}] {r.name} is {r.error}; left alone", file=sys.stderr)
+    bar = Progress(label, len(jobs) - len(busy), workers, skipped=len(results) - len(busy), enabled=progress)
     bar.show(force=True)
     if todo:
         if backend == "local":

@@ -205,3 +205,22 @@ def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
     report = write_report(tmp_path, n_bootstrap=50, tensorboard=False)
     assert report.tables["success"].variants == ("lora", "eva")
     assert (tmp_path / "report" / "eva_ranks.png").is_file()
+
+
+def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "run.json").write_text(json.dumps(
+            {"status": "running", "pid": other.pid, "host": socket.gethostname(), "config": {"steps": 1}}))
+        [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
+        assert result.status == "busy" and not (tmp_path / "a" / "calls.txt").exists()
+    finally:
+        other.kill()
+        other.wait()
+    [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
+    assert result.status == "done"
