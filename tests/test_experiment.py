@@ -212,8 +212,10 @@ def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE)
     try:
+        assert other.stdout.readline().strip() == b"ready"  # exec'd: its /proc cmdline is python's
         (tmp_path / "a").mkdir()
         (tmp_path / "a" / "run.json").write_text(json.dumps(
             {"status": "running", "pid": other.pid, "host": socket.gethostname(), "config": {"steps": 1}}))
