@@ -436,15 +436,8 @@ def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | N
     if measure in ("train_loss", "val_action_error"):
         ax.set_yscale("log")
     title = MEASURES[measure].title.replace("Final training", "Training")  # a curve, not its last value
-    ax.set_xlabel("fine-tuning steps")
-    ax.set_ylabel(title)
-    ax.set_title(f"{title} vs fine-tuning steps (mean, 95% band over runs)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, path, "fine-tuning steps", title,
+                        f"{title} vs fine-tuning steps (mean, 95% band over runs)")
 
 
 def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:
@@ -531,9 +524,17 @@ def plot_params_vs_success(runs: Sequence[RunRecord], path: Path) -> Path | None
         plt.close(fig)
         return None
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("success rate")
-    ax.set_title("Trainable parameters vs success (mean ± stderr over runs)")
+    return _save_figure(fig, ax, path, "trainable parameters", "success rate",
+                        "Trainable parameters vs success (mean ± stderr over runs)")
+
+
+def _save_figure(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, legend and grid `ax`, write `fig` to `path` as PNG, and free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
