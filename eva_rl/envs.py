@@ -359,9 +359,15 @@ def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
     from metaworld.policies import ENV_POLICY_MAP
 
     scripted = ENV_POLICY_MAP[spec.name]()
+    # The experts warn on their first action that their gains exceed the [-1, 1] action range;
+    # that is by design (the env clips), and the warning drowns progress bars in every worker.
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 
     def act(observation: np.ndarray) -> np.ndarray:
-        # The experts index a 39-dim float64 observation; they clip to [-1, 1] themselves.
-        return np.asarray(scripted.get_action(np.asarray(observation, dtype=np.float64)), dtype=np.float32)
+        # The experts index a 39-dim float64 observation and can return actions beyond [-1, 1];
+        # the env clips them, so the clipped action is what was executed (and what a DT with a
+        # tanh head can imitate).
+        action = scripted.get_action(np.asarray(observation, dtype=np.float64))
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
 
     return act

@@ -170,3 +170,15 @@ def test_metaworld_env_matches_metaworlds_own_seeded_benchmark():
         expected = reference.reset()[0]
         np.testing.assert_allclose(ours.reset()[0], expected, rtol=1e-6)
         np.testing.assert_allclose(again.reset()[0], expected, rtol=1e-6)
+
+
+def test_expert_actions_are_what_the_env_executes():
+    env, act = make_env("reach-v3", 0), expert_policy("reach-v3")
+    obs = env.reset()[0]
+    actions = []
+    for _ in range(20):
+        actions.append(act(obs))
+        obs = env.step(actions[-1])[0]
+    actions = np.stack(actions)
+    assert actions.dtype == np.float32 and np.abs(actions).max() <= 1.0
+    assert np.isclose(np.abs(actions).max(), 1.0)  # the reach expert saturates early on
