@@ -203,6 +203,8 @@ def test_bad_input_is_reported_before_any_work() -> None:
         eva_state_dict(model, make_batches(2), target_modules=("q_proj",))
     with pytest.raises(ValueError, match="backend"):
         eva_state_dict(model, make_batches(2), backend="sklearn")
+    with pytest.raises(ValueError, match="only initialise matrices inside the GPT-2 blocks"):
+        eva_state_dict(model, make_batches(2), target_modules=("c_attn", "embed_state"))  # (B, K) inputs
 
 
 def test_report_files(tmp_path) -> None:

@@ -45,6 +45,9 @@ from torch import nn
 from eva_rl.adapters.methods import DEFAULT_TARGET_MODULES, layer_features, resolve_target_modules
 
 TOKEN_KINDS: tuple[str, ...] = ("return", "state", "action")  # order of the tokens within a step
+# Only the GPT-2 blocks see the (B, 3K) token stream the step mask is expanded to; the embeddings
+# and prediction heads see (B, K) per-kind inputs, so the token mask cannot select their rows.
+_BLOCKS_PREFIX = "encoder.h."
 BACKENDS: tuple[str, ...] = ("native", "peft")
 
 
@@ -293,6 +296,13 @@ def _check_inputs(model: nn.Module, names: Sequence[str], rank: int, rho: float,
     if max_batches < 2:
         raise ValueError(f"EVA max_batches must be >= 2 (convergence compares two batches), got {max_batches}.")
     components = max(rank, round(rank * rho))
+    outside = [name for name in names if not name.startswith(_BLOCKS_PREFIX)]
+    if outside:
+        raise ValueError(
+            f"EVA can only initialise matrices inside the GPT-2 blocks ({_BLOCKS_PREFIX}*), whose inputs are the "
+            f"3K interleaved (return, state, action) tokens; {', '.join(outside)} see other inputs. Leave them "
+            f"out of target_modules (modules_to_save trains an embedding or head in full)."
+        )
     for name in names:
         width = layer_features(model, name)[0]
         if components > width:
