@@ -263,8 +263,10 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         save_config(config, out_dir / "config.yaml")
 
     def save(trained: nn.Module) -> None:
+        # context_length: a plain DecisionTransformerModel base does not record K, and
+        # evaluate.load_policy would otherwise rebuild it at the default K
         extra = {"checkpoint": str(Path(config.checkpoint).resolve()), "task": list(dataset.task_names),
-                 "metadata": trained.metadata.to_dict()}
+                 "metadata": trained.metadata.to_dict(), "context_length": trained.config.context_length}
         methods.save_adapter(trained, out_dir / "adapter", extra=extra)
         if config.merge:
             methods.save_merged(trained, out_dir / "merged")

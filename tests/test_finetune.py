@@ -129,6 +129,16 @@ def test_cli_adalora_from_yaml_and_a_plain_checkpoint(setup, tmp_path, capsys) -
     assert config["peft_type"] == "ADALORA" and config["total_step"] == 6
 
 
+def test_adapter_on_a_plain_checkpoint_reloads_with_its_context_length(setup, tmp_path) -> None:
+    from eva_rl.evaluate import load_policy
+
+    out = tmp_path / "plain"
+    finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="lora", checkpoint=setup["plain"],
+                                                         context_length=4, **{"train.steps": 2,
+                                                                              "train.eval_every": 0})))
+    assert load_policy(out / "adapter").config.context_length == 4  # not the plain default 20
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("method", "qlora", "Known methods: fft, lora"),
     ("rank", "64", "above the width"),
