@@ -353,8 +353,8 @@ class DecisionTransformerPolicy(nn.Module):
     """A Decision Transformer with its normalisation and task metadata.
 
     `model` is the `transformers.DecisionTransformerModel`; adapters (PEFT) may wrap its linear
-    layers, and `act` stays correct with them (it calls the modules, never their raw weights,
-    unless they are plain `Conv1D`s).
+    layers, and `forward` and `act` stay correct with them (they call the modules, never their
+    raw weights, unless they are plain `Conv1D`s).
     """
 
     def __init__(self, config: PolicyConfig, metadata: PolicyMetadata,
@@ -419,15 +419,67 @@ class DecisionTransformerPolicy(nn.Module):
         if rtg.ndim == 2:
             rtg = rtg.unsqueeze(-1)
         timesteps = batch["timesteps"].clamp(max=self.config.max_ep_len - 1)
-        rewards = batch.get("rewards")
-        if rewards is None:
-            rewards = torch.zeros_like(rtg)
         mask = batch.get("attention_mask")
         if mask is None:
-            mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
-        out = self.model(states=states, actions=actions, rewards=rewards, returns_to_go=rtg,
-                         timesteps=timesteps, attention_mask=mask, return_dict=True)
-        return out.action_preds
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        return self._predict_actions(states, actions, rtg, timesteps, mask)
+
+    def _predict_actions(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
+                         timesteps: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """`DecisionTransformerModel.forward`'s action predictions (B, K, act_dim), computed through
+        the GPT-2 blocks' own modules (so adapters wrapped around c_attn / c_proj / c_fc apply) with
+        the per-layer work transformers repeats done once per batch: one additive causal+padding
+        mask, no state/return heads (rewards are not an input of the DT either).
+
+        Training mode: the last block computes queries, output projection and MLP for the state
+        tokens only (the loss reads nothing else; about a sixth of the update's matmul work),
+        attention is written out so that dropout hits the attention weights as in GPT-2, and
+        every dropout draws its masks through `_Dropout`. Eval mode: every block sees all 3K
+        tokens (forward hooks on the blocks' modules, as EVA's statistics use, get (B, 3K, .)
+        inputs) and attention is `F.scaled_dot_product_attention`.
+        """
+        dt = self._dt()
+        gpt = dt.encoder
+        b, k = states.shape[:2]
+        hidden = self.config.hidden_size
+        drop = _Dropout(states.device)
+        time = dt.embed_timestep(timesteps)  # (B, K, H), added to each of the step's three tokens
+        # tokens per step: (return-to-go, state, action) -> (B, 3K, H)
+        tokens = torch.stack((dt.embed_return(returns_to_go) + time, dt.embed_state(states) + time,
+                              dt.embed_action(actions) + time), dim=2).reshape(b, 3 * k, hidden)
+        # the DT gives every token position 0, so every token gets wpe[0]
+        x = drop(dt.embed_ln(tokens) + gpt.wpe.weight[0], gpt.drop)
+        n = 3 * k
+        key_mask = step_mask.bool().repeat_interleave(3, dim=1)  # (B, 3K)
+        # causal, padding keys removed; a padding query sees itself so that no softmax row is empty
+        # (real tokens never attend to padding, so what padding tokens compute does not matter)
+        allowed = torch.ones(n, n, dtype=torch.bool, device=x.device).tril() & key_mask[:, None, :]
+        allowed |= torch.eye(n, dtype=torch.bool, device=x.device)
+        bias = torch.zeros(b, 1, n, n, dtype=x.dtype, device=x.device)
+        bias.masked_fill_(~allowed[:, None], float("-inf"))  # (B, 1, 3K, 3K), added to the attention scores
+        state_rows = slice(1, None, 3)  # s_t is token 3t + 1
+
+        blocks = gpt.h
+        for i, block in enumerate(blocks):
+            attn = block.attn
+            states_only = self.training and i == len(blocks) - 1
+            q, key, value = attn.c_attn(block.ln_1(x)).split(hidden, dim=-1)
+            if states_only:
+                x, q, bias = x[:, state_rows], q[:, state_rows], bias[:, :, state_rows]
+            heads = lambda t: t.reshape(b, t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+            q, key, value = heads(q), heads(key), heads(value)  # (B, heads, tokens, head_dim)
+            if self.training:
+                weights = torch.softmax(torch.matmul(q * attn.scaling, key.transpose(-1, -2)) + bias, dim=-1)
+                out = torch.matmul(drop(weights, attn.attn_dropout), value)
+            else:
+                out = F.scaled_dot_product_attention(q, key, value, attn_mask=bias.to(q.dtype), scale=attn.scaling)
+            out = out.transpose(1, 2).reshape(b, q.shape[2], hidden)
+            x = x + drop(attn.c_proj(out), attn.resid_dropout)
+            mlp = block.mlp
+            x = x + drop(mlp.c_proj(mlp.act(mlp.c_fc(block.ln_2(x)))), mlp.dropout)
+        if not self.training:
+            x = x[:, state_rows]
+        return dt.predict_action(gpt.ln_f(x))  # (B, K, act_dim), from the state tokens
 
     def loss(self, batch: Mapping[str, torch.Tensor], *, act_dims: Sequence[int] | None = None) -> torch.Tensor:
         """Mean squared action error over real steps (attention_mask = 1) and each sample's true
@@ -724,6 +776,34 @@ class DecisionTransformerPolicy(nn.Module):
                 f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy takes at most "
                 f"({self.config.state_dim}, {self.config.act_dim})."
             )
+
+
+class _Dropout:
+    """Dropout for one forward pass, with each `nn.Dropout` module's own p and train/eval state:
+    inverted (kept values scaled by 1 / (1 - p)), an independent mask per call, as GPT-2 applies it.
+
+    On CPU the keep masks come from one NumPy PCG64 stream per forward pass, seeded by a draw
+    from torch's generator, so runs stay reproducible under `torch.manual_seed` and resume with
+    torch's RNG state; torch's CPU Bernoulli sampling costs two to three times as much per element
+    and was ~12% of a training update. A mask is a 24-bit uniform compared with p (as a `torch.rand`
+    mask). On other devices, and under torch.compile, it is `F.dropout`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.numpy = device.type == "cpu"
+        self.rng: np.random.Generator | None = None
+
+    def __call__(self, x: torch.Tensor, module: nn.Dropout) -> torch.Tensor:
+        p = float(module.p)
+        if not module.training or p == 0.0:
+            return x
+        if not self.numpy or torch.compiler.is_compiling():
+            return F.dropout(x, p, training=True)
+        if self.rng is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            self.rng = np.random.Generator(np.random.PCG64(seed))
+        keep = torch.from_numpy(self.rng.random(x.shape, dtype=np.float32)).ge_(p).mul_(1.0 / (1.0 - p))
+        return x * keep.to(x.dtype)
 
 
 def _last_query_qkv(c_attn: nn.Module, h: torch.Tensor | None, qkv0: torch.Tensor | None,

@@ -129,6 +129,107 @@ def test_forward_rejects_wrong_state_width():
         make_policy()(batch)
 
 
+# -- forward against transformers ---------------------------------------------------------------
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    batch = make_batch()
+    batch["attention_mask"][1, :4] = 0  # a single real step
+    batch["attention_mask"][2, :1] = 0
+    return batch
+
+
+def transformers_actions(policy: DecisionTransformerPolicy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference: transformers' own DecisionTransformerModel.forward (adapters injected in place)."""
+    return policy._dt()(states=batch["states"], actions=batch["actions"], rewards=batch["rewards"],
+                        returns_to_go=batch["returns_to_go"], timesteps=batch["timesteps"],
+                        attention_mask=batch["attention_mask"], return_dict=True).action_preds
+
+
+def with_random_lora(policy: DecisionTransformerPolicy) -> DecisionTransformerPolicy:
+    from eva_rl.adapters.methods import apply_method
+
+    apply_method(policy, "lora", rank=4)
+    with torch.no_grad():  # PEFT starts B at 0, a no-op adapter: random B makes it change the outputs
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    return policy
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_forward_equals_transformers_in_eval_mode(adapter):
+    policy = make_policy(n_layer=2)
+    batch = padded_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        plain = policy(batch)
+        if adapter:
+            with_random_lora(policy).eval()
+        ours, reference = policy(batch), transformers_actions(policy, batch)
+    if adapter:
+        assert (ours - plain)[real].abs().max() > 1e-3
+    torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_training_forward_and_gradients_equal_transformers_without_dropout(adapter):
+    """Train mode (last block on the state tokens only, attention written out) with dropout 0
+    computes transformers' actions and the same loss gradients."""
+    policy = make_policy(n_layer=2, dropout=0.0)
+    if adapter:
+        with_random_lora(policy)
+    policy.train()
+    batch = padded_batch()
+    real = batch["attention_mask"].bool()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    ours = policy(batch)
+    reference = transformers_actions(policy, batch)
+    torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=0)
+    mask = real[..., None] * policy.action_dim_mask(batch["task_ids"], 4)[:, None]
+    reference_loss = ((reference - batch["actions"]).square() * mask).sum() / mask.sum()
+    grads = torch.autograd.grad(policy.loss(batch), params, allow_unused=True)
+    reference_grads = torch.autograd.grad(reference_loss, params, allow_unused=True)
+    assert sum(g is not None for g in grads) > len(params) // 2
+    for ours_grad, reference_grad in zip(grads, reference_grads):
+        assert (ours_grad is None) == (reference_grad is None)
+        if ours_grad is not None:
+            torch.testing.assert_close(ours_grad, reference_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["encoder.drop", "attn.attn_dropout", "attn.resid_dropout", "mlp.dropout"])
+def test_training_forward_applies_each_gpt2_dropout(site):
+    policy = make_policy(n_layer=2, dropout=0.0)
+    batch = padded_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        clean = policy(batch)
+        for name, module in policy.model.named_modules():
+            if name.endswith(site):
+                module.p = 0.5
+        policy.train()
+        outputs = []
+        for seed in (3, 3, 4):
+            torch.manual_seed(seed)
+            outputs.append(policy(batch))
+    assert torch.equal(outputs[0], outputs[1])  # the masks follow torch's generator
+    # (a tiny freshly initialised model moves little: 1e-5 is still 100x float32 rounding here)
+    assert (outputs[0] - clean)[real].abs().max() > 1e-5
+    assert (outputs[0] - outputs[2])[real].abs().max() > 1e-5
+
+
+def test_dropout_keeps_1_minus_p_rescaled_with_a_new_mask_each_call():
+    from eva_rl.policy import _Dropout
+
+    module = torch.nn.Dropout(0.25)
+    drop = _Dropout(torch.device("cpu"))
+    out = drop(torch.ones(200_000), module)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 5 standard errors
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    assert not torch.equal(drop(torch.ones(100), module), drop(torch.ones(100), module))
+    assert torch.equal(drop(torch.ones(100), module.eval()), torch.ones(100))
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
