@@ -779,6 +779,9 @@ def run_experiment(config: ExperimentConfig, *, backend: str = "local", workers:
         if pretrain_result.status == "failed":
             raise StageFailed(f"Pretraining failed; see {job.run_dir / 'error.txt'}. Fix it and run again "
                               f"(finished stages are skipped).")
+        if pretrain_result.status == "busy":  # its model/ does not exist yet: every fine-tuning run would fail
+            raise StageFailed(f"Pretraining ({job.run_dir}) is {pretrain_result.error}, another experiment command; "
+                              f"run this one again when it has finished.")
         checkpoint = job.run_dir / "model"
     jobs = finetune_jobs(config, finetune_tasks, checkpoint, Path(yaml_path) if yaml_path else None)
     results = run_jobs(jobs, run_finetune, backend=backend, workers=workers, address=address, overwrite=overwrite,

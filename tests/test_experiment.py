@@ -226,3 +226,31 @@ def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
         other.wait()
     [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
     assert result.status == "done"
+
+
+def test_pretraining_that_another_process_runs_stops_the_experiment_before_fine_tuning(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from eva_rl.experiment import StageFailed, dataset_paths, pretrain_job, run_experiment
+
+    config = load_experiment(None, [f"out_dir={tmp_path}", "collect.enabled=false", "pretrain.tasks=[reach-v3]",
+                                    "finetune.tasks=[push-v3]"])
+    for task, which in (("reach-v3", "pretrain"), ("push-v3", "finetune")):
+        for path in dataset_paths(config, [task], which):
+            path.mkdir(parents=True)  # stand-ins: collection only checks that they exist
+    job = pretrain_job(config, ["reach-v3"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE)
+    try:
+        assert other.stdout.readline().strip() == b"ready"
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "run.json").write_text(json.dumps(
+            {"status": "running", "pid": other.pid, "host": socket.gethostname(), "config": job.config}))
+        with pytest.raises(StageFailed, match=f"running in process {other.pid}"):
+            run_experiment(config, workers=1, progress=False)
+    finally:
+        other.kill()
+        other.wait()
+    assert not (tmp_path / "runs").exists()  # no fine-tuning run was started against a missing checkpoint
