@@ -331,8 +331,7 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
                 sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
                 diffs = []
                 for r in mine:
-                    candidates = index.get(_pair_key(r), {})
-                    partner = candidates.get(r.rank) or (next(iter(candidates.values())) if len(candidates) == 1 else None)
+                    partner = _partner(index.get(_pair_key(r), {}), r.rank)
                     if partner is None:
                         continue
                     d = r.final(measure) - partner.final(measure)
@@ -344,6 +343,16 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
                 better = sum(1 for d in diffs if sign * d > 0)
                 result.append(Paired(v, baseline, measure, cell.n, cell.mean, cell.stderr, better))
     return result
+
+
+def _partner(by_rank: dict[Any, RunRecord], rank: int | None) -> RunRecord | None:
+    """The baseline run at `rank`; where one side has no rank (fft), the baseline's only run.
+    Two different ranks never pair: the difference would mix method and capacity."""
+    if rank in by_rank:
+        return by_rank[rank]
+    if len(by_rank) == 1 and (rank is None or None in by_rank):
+        return next(iter(by_rank.values()))
+    return None
 
 
 def _pair_key(run: RunRecord) -> tuple:
@@ -659,9 +668,9 @@ def summary_table(result: ReportResult) -> str:
     rows = [header, "|" + " --- |" * (len(names) + 2)]
     tables = result.tables
     for v in tables["success"].variants:
-        n = tables["success"].average.get(v)
+        count = sum(1 for r in result.runs if r.variant == v)  # runs without a final evaluation count too
         cells = [format_cell(_pooled(result.runs, v, n_), MEASURES[n_].digits) for n_ in names]
-        rows.append(f"| {v} | {n.n if n else 0} | " + " | ".join(cells) + " |")
+        rows.append(f"| {v} | {count} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -126,6 +126,28 @@ def test_ranks_become_rows_and_pairs_match_the_rank(tmp_path: Path) -> None:
     assert paired[("eva r=8", "success")].mean_diff == pytest.approx(0.0)
 
 
+def test_a_rank_the_baseline_did_not_run_has_no_pairs(tmp_path: Path) -> None:
+    write_run(tmp_path, "lora", "task-a", 0, 0.5, 0.1, 0.1, rank=8,
+              point={"task": "task-a", "method": "lora", "rank": 8, "seed": 0})
+    write_run(tmp_path, "eva", "task-a", 0, 0.9, 0.1, 0.1, rank=4,
+              point={"task": "task-a", "method": "eva", "rank": 4, "seed": 0})
+    write_run(tmp_path, "fft", "task-a", 0, 1.0, 0.1, 0.1, point={"task": "task-a", "method": "fft", "rank": None,
+                                                                  "seed": 0})
+    paired = {(p.variant, p.baseline) for p in paired_comparisons(load_runs(tmp_path))}
+    assert ("eva r=4", "lora") not in paired  # rank 4 against rank 8 would mix method and capacity
+    assert {("eva r=4", "fft"), ("lora r=8", "fft"), ("fft", "lora")} <= paired
+
+
+def test_summary_counts_runs_without_a_final_evaluation(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        run_dir = write_run(tmp_path, "lora", "task-a", seed, 0.5, 0.2, 0.1)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["eval"], metrics["final"]["success_rate"] = [], None  # evaluation was off
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    result = write_report(tmp_path, plots=False, tensorboard=False)
+    assert "| lora | 2 | – | 0.2000 ± 0.0000 |" in report.summary_table(result)
+
+
 def test_write_report_files_plots_and_hparams(runs_dir: Path) -> None:
     eva_run = runs_dir / "task-a__eva__s0"
     (eva_run / "eva_report.json").write_text(json.dumps({"ranks": {"encoder.h.0.attn.c_attn": 8, "encoder.h.0.mlp.c_fc": 4}}))
