@@ -245,7 +245,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
                                      meta.return_scale)
     policy.metadata = task_metadata(policy, dataset)
     spec = methods.get_method(config.method)
-    methods.check_targets(policy, config.method, config.rank, config.target_modules)  # before any work
+    methods.check_targets(policy, config.method, config.rank, config.target_modules,
+                          config.modules_to_save)  # before any work
 
     torch.manual_seed(config.train.seed)  # LoRA's random A
     eva_weights, report = None, None

@@ -199,6 +199,8 @@ def test_bad_input_is_reported_before_any_work() -> None:
         apply_method(tiny_model(), "lora", target_modules=("q_proj",))
     with pytest.raises(ValueError, match="eva_state_dict"):
         apply_method(tiny_model(), "eva")
+    with pytest.raises(ValueError, match="'predict_actoin', which matches no module"):
+        apply_method(tiny_model(), "lora", modules_to_save=("predict_actoin",))  # PEFT would skip it silently
 
 
 def test_policy_keeps_working_with_adapters(tmp_path) -> None:

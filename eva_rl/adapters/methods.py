@@ -258,11 +258,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def check_targets(policy_or_model: nn.Module, method: str, rank: int,
-                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES) -> tuple[str, ...]:
+                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+                  modules_to_save: Sequence[str] = ()) -> tuple[str, ...]:
     """Validate a method, rank and targets against a model before any work; the resolved module names.
 
-    Errors: an unknown method (lists the known ones), targets that match nothing, a rank above a
-    target matrix's width, a model that already carries adapters.
+    Errors: an unknown method (lists the known ones), targets or modules_to_save that match
+    nothing, a rank above a target matrix's width, a model that already carries adapters.
     """
     spec = get_method(method)
     if rank < 1:
@@ -271,6 +272,7 @@ def check_targets(policy_or_model: nn.Module, method: str, rank: int,
     if isinstance(model, PeftModel):
         raise ValueError("The model already has adapters; apply a method to the pretrained policy.")
     names = resolve_target_modules(model, target_modules)
+    _check_modules_to_save(model, modules_to_save)
     for name in names:
         width = min(layer_features(model, name))
         if spec.build_config is not None and rank > width:
@@ -279,6 +281,16 @@ def check_targets(policy_or_model: nn.Module, method: str, rank: int,
                 f"use rank <= {width} or leave that module out of target_modules."
             )
     return names
+
+
+def _check_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -> None:
+    # PEFT skips a modules_to_save name that matches nothing, so a typo would silently train less.
+    names = [name for name, _ in model.named_modules() if name]
+    for wanted in modules_to_save:
+        if not any(n == wanted or n.endswith("." + wanted) for n in names):
+            top = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"modules_to_save names {wanted!r}, which matches no module of the model; "
+                             f"use one of its module names, e.g. {', '.join(top)}.")
 
 
 # GPT-2's token embedding: the DT feeds inputs_embeds, so it never receives a gradient.
@@ -310,7 +322,7 @@ def apply_method(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     model = _model_of(policy_or_model)
-    names = check_targets(model, method, rank, target_modules)
+    names = check_targets(model, method, rank, target_modules, modules_to_save)
     options = MethodOptions(
         rank=rank, alpha=float(rank if alpha is None else alpha), target_modules=names, dropout=dropout,
         modules_to_save=tuple(modules_to_save), total_steps=total_steps, eva_weights=eva_weights,
