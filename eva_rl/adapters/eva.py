@@ -422,18 +422,11 @@ def _native(model: nn.Module, dt: nn.Module, names: Sequence[str], batches: Iter
                 shared = _group_identical(stats, names)
                 for follower in shared:
                     handles.pop(follower).remove()
-            leaders = [n for n in names if n not in shared]
             for name in active:
                 if name not in shared:
                     stats[name].solve()
-            if len(leaders) > 0 and all(stats[n].previous is not None for n in leaders):
-                explained = {n: stats[shared.get(n, n)].explained_variance_ratio() for n in names}
-                ranks = redistribute_ranks(explained, rank * len(names), components)
-                for n in names:  # a shared computation needs the largest rank among its users
-                    needed[n] = 0
-                for n in names:
-                    leader = shared.get(n, n)
-                    needed[leader] = max(needed[leader], ranks[n])
+            if all(stats[n].previous is not None for n in names if n not in shared):
+                needed = _components_needed(stats, names, shared, rank * len(names), components)
             active = [n for n in names if n not in shared and not bool(stats[n].converged[: needed[n]].all())]
             for name in names:
                 if name in shared:
@@ -464,6 +457,19 @@ def _native(model: nn.Module, dt: nn.Module, names: Sequence[str], batches: Iter
         shared_inputs=shared, seconds=0.0,
     )
     return weights, report
+
+
+def _components_needed(stats: Mapping[str, _LayerStatistics], names: Sequence[str], shared: Mapping[str, str],
+                       budget: int, components: int) -> dict[str, int]:
+    """Components each computation must converge: the rank the current spectra would give its
+    matrix, or for a shared computation the largest rank among the matrices that use it."""
+    explained = {n: stats[shared.get(n, n)].explained_variance_ratio() for n in names}
+    ranks = redistribute_ranks(explained, budget, components)
+    needed = {n: 0 for n in names}
+    for n in names:
+        leader = shared.get(n, n)
+        needed[leader] = max(needed[leader], ranks[n])
+    return needed
 
 
 def _synchronised(batches: Iterator[dict]) -> Iterator[dict]:
