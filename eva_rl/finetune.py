@@ -199,7 +199,8 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
         policy, _eva_batches(dataset, config, policy.config.context_length), rank=config.rank, rho=config.eva.rho,
         tau=config.eva.tau, tokens=config.eva.tokens, target_modules=config.target_modules,
         max_batches=config.eva.max_batches, backend=config.eva.backend)
-    log.info(report.summary())
+    # a matrix cut off at the batch cap gets a less settled A: say so where a user looks
+    (log.warning if report.not_converged else log.info)(report.summary())
     if int(os.environ.get("RANK", "0")) == 0:
         saved.parent.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_suffix(".tmp")

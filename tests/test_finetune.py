@@ -96,6 +96,15 @@ def test_resume_reuses_eva_components(setup, tmp_path) -> None:
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first
 
 
+def test_eva_that_hits_the_batch_cap_warns_which_matrices_did_not_converge(setup, tmp_path, caplog) -> None:
+    out = tmp_path / "cap"
+    with caplog.at_level("INFO", logger="eva_rl.finetune"):
+        finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{
+            "train.steps": 0, "train.eval_every": 0, "eva.tau": 1.0, "eva.max_batches": 2})))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("not converged at the batch cap" in m for m in warned), warned
+
+
 def test_a_refused_restart_leaves_the_old_run_untouched(setup, tmp_path) -> None:
     out = tmp_path / "refused"
     finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="lora", **{"train.eval_every": 0})))
