@@ -30,11 +30,10 @@ the reference in tests and benchmarks.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
