@@ -714,9 +714,14 @@ def run_pretrain(run_dir: Path, config: dict[str, Any]) -> None:
 def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Path,
                   yaml_file: Path | None = None) -> list[Job]:
     """One job per grid point, its FinetuneConfig resolved (and validated) now."""
+    from eva_rl.adapters.methods import METHODS
     from eva_rl.finetune import FinetuneConfig
 
     stage = config.finetune
+    misspelt = sorted(set(stage.method_overrides) - set(METHODS))
+    if misspelt:  # a misspelt method would silently lose its overrides (e.g. fft's smaller lr)
+        raise ValueError(f"finetune.method_overrides names {misspelt}, which are not methods; "
+                         f"use method names: {', '.join(METHODS)}.")
     base = config_path(stage.config, yaml_file) if stage.config else None
     jobs = []
     for point in expand_grid(stage, tasks):

@@ -95,6 +95,9 @@ def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) ->
     lite = load_experiment("cw10-cpu-lite.yaml")
     fft = [j for j in finetune_jobs(lite, ["hammer-v3"], tmp_path / "model") if j.point["method"] == "fft"]
     assert fft and all(j.config["train"]["optim"]["lr"] == 1e-4 for j in fft)  # method_overrides apply
+    typo = load_experiment("cw10-cpu-lite.yaml", ["finetune.method_overrides={ftt: {train.optim.lr: 1e-4}}"])
+    with pytest.raises(ValueError, match=r"method_overrides names \['ftt'\], which are not methods"):
+        finetune_jobs(typo, ["hammer-v3"], tmp_path / "model")
 
 
 def test_failed_run_is_recorded_and_others_finish_then_rerun_skips(tmp_path: Path, capsys) -> None:
