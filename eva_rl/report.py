@@ -450,11 +450,7 @@ def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | N
 
 
 def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:
-    """Rank per adapted layer from a run's eva_report.json, or None when the run has none.
-
-    Accepts `{"ranks": {layer: rank}}` and `{"layers": {layer: {"rank": r}}}` /
-    `{"layers": [{"name": layer, "rank": r}]}`, the shapes an EVA report takes.
-    """
+    """Rank per adapted layer from a run's eva_report.json (`EvaReport.to_json`'s "ranks"), or None."""
     path = run_dir / "eva_report.json"
     if not path.is_file():
         return None
@@ -463,14 +459,7 @@ def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:
     except json.JSONDecodeError:
         return None
     ranks = data.get("ranks")
-    if isinstance(ranks, dict):
-        return {str(k): int(v) for k, v in ranks.items()}
-    layers = data.get("layers")
-    if isinstance(layers, dict):
-        return {str(k): int(v["rank"]) for k, v in layers.items() if isinstance(v, dict) and "rank" in v}
-    if isinstance(layers, list):
-        return {str(e["name"]): int(e["rank"]) for e in layers if isinstance(e, dict) and "name" in e and "rank" in e}
-    return None
+    return {str(k): int(v) for k, v in ranks.items()} if isinstance(ranks, dict) else None
 
 
 def plot_eva_ranks(runs: Sequence[RunRecord], path: Path) -> Path | None:
