@@ -21,6 +21,7 @@ Run directory (`train.out_dir`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ from torch import nn
 
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
-from eva_rl.config import save_config
-from eva_rl.train import DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, check_run_dir, train
+from eva_rl.config import config_to_dict, load_config, save_config
+from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, _check_resume_config,
+                          check_run_dir, train)
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +191,19 @@ def _eva_batches(dataset: Any, config: FinetuneConfig, context: int):
 
 def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Path) -> tuple[dict, EvaReport | None]:
     """EVA's components for `policy` (or those a resumed run saved), and the report (None when reused)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     saved = out_dir / "eva" / "eva_weights.safetensors"
+    inputs = _eva_inputs(config)
     if config.train.resume and saved.exists():
-        log.info("Reusing EVA components from %s.", saved)
-        return load_file(str(saved)), None
+        with safe_open(str(saved), framework="pt") as handle:
+            same = (handle.metadata() or {}).get("eva_inputs") == inputs
+        if same:
+            log.info("Reusing EVA components from %s.", saved)
+            return load_file(str(saved)), None
+        log.info("%s was computed from other EVA inputs (checkpoint, data, rank, targets or eva settings); "
+                 "computing it again.", saved)
     weights, report = eva_state_dict(
         policy, _eva_batches(dataset, config, policy.config.context_length), rank=config.rank, rho=config.eva.rho,
         tau=config.eva.tau, tokens=config.eva.tokens, target_modules=config.target_modules,
@@ -204,7 +213,7 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
     if int(os.environ.get("RANK", "0")) == 0:
         saved.parent.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"eva_inputs": inputs})
         os.replace(tmp, saved)
         report.save(out_dir)
         from torch.utils.tensorboard import SummaryWriter
@@ -213,6 +222,30 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
         report.log_tensorboard(writer)
         writer.close()
     return weights, report
+
+
+def _check_same_finetune(config: FinetuneConfig, saved_path: Path) -> None:
+    """Resuming needs the method, rank, targets and EVA settings the checkpoints were made with
+    (train.py checks only the train section); otherwise the adapter shapes or init would differ."""
+    if not saved_path.is_file():
+        return
+
+    def comparable(c: FinetuneConfig) -> dict:
+        data = config_to_dict(c)
+        for key in ("resume", "progress", "out_dir"):
+            data["train"].pop(key, None)
+        return data
+
+    _check_resume_config(comparable(load_config(FinetuneConfig, saved_path)), comparable(config))
+
+
+def _eva_inputs(config: FinetuneConfig) -> str:
+    """What EVA's components depend on, as JSON: saved ones are reused on resume only if it matches
+    (a run that died before its first checkpoint may be restarted in its directory with another rank)."""
+    return json.dumps({"checkpoint": str(Path(config.checkpoint).resolve()), "rank": config.rank,
+                       "target_modules": list(config.target_modules), "eva": dataclasses.asdict(config.eva),
+                       "data": list(config.train.data.paths), "val_fraction": config.train.data.val_fraction,
+                       "seed": config.train.seed}, sort_keys=True)
 
 
 def _add_orthogonality_penalty(policy: nn.Module) -> None:
@@ -234,7 +267,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     from eva_rl.data.trajectories import load_trajectories
 
     out_dir = Path(config.train.out_dir)
-    check_run_dir(config.train)  # a refused start or resume must leave the old run's files as they were
+    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
+        _check_same_finetune(config, out_dir / "config.yaml")
     if not config.train.data.paths:
         raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
                          "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
@@ -282,7 +316,5 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
 
 def _saved_eva_seconds(out_dir: Path) -> float | None:
-    import json
-
     path = out_dir / "eva_report.json"
     return float(json.loads(path.read_text())["seconds"]) if path.exists() else None

@@ -85,24 +85,34 @@ def test_eva_finetune_writes_adapter_merged_model_report_and_metrics(setup, tmp_
     assert json.loads((out / "adapter" / "eva_rl_adapter.json").read_text())["method"] == "eva"
 
 
-def test_resume_reuses_eva_components(setup, tmp_path) -> None:
+def test_resume_reuses_eva_components_and_refuses_another_rank(setup, tmp_path, monkeypatch) -> None:
     out = tmp_path / "resume"
     finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{"train.eval_every": 0})))
     first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     (out / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="Cannot resume.*rank: checkpoint 2, now 1"):  # not a tensor shape error
+        finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", rank=1, **{
+            "train.eval_every": 0, "train.resume": "true"})))
+
+    def no_eva(*args, **kwargs):
+        raise AssertionError("EVA ran again on resume")
+
+    monkeypatch.setattr("eva_rl.finetune.eva_state_dict", no_eva)
     result = finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{
-        "train.eval_every": 0, "train.resume": "true", "eva.seed": 5})))  # another seed would give other A
+        "train.eval_every": 0, "train.resume": "true"})))
     assert result.metrics["eva_seconds"] is not None
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first
 
 
-def test_eva_that_hits_the_batch_cap_warns_which_matrices_did_not_converge(setup, tmp_path, caplog) -> None:
-    out = tmp_path / "cap"
-    with caplog.at_level("INFO", logger="eva_rl.finetune"):
-        finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{
-            "train.steps": 0, "train.eval_every": 0, "eva.tau": 1.0, "eva.max_batches": 2})))
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("not converged at the batch cap" in m for m in warned), warned
+def test_resume_recomputes_eva_made_with_another_rank(setup, tmp_path) -> None:
+    out = tmp_path / "rerank"
+    finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{"train.steps": 0,
+                                                                                       "train.eval_every": 0})))
+    (out / "metrics.json").unlink()  # the run died before its first checkpoint; restarted with rank 1
+    finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", rank=1, **{
+        "train.steps": 0, "train.eval_every": 0, "train.resume": "true"})))
+    ranks = json.loads((out / "adapter" / "eva_rl_adapter.json").read_text())["ranks"]
+    assert set(ranks.values()) == {1}
 
 
 def test_a_refused_restart_leaves_the_old_run_untouched(setup, tmp_path) -> None:
