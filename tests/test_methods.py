@@ -199,6 +199,10 @@ def test_bad_input_is_reported_before_any_work() -> None:
         apply_method(tiny_model(), "lora", target_modules=("q_proj",))
     with pytest.raises(ValueError, match="eva_state_dict"):
         apply_method(tiny_model(), "eva")
+    partial = random_eva_weights(tiny_model(), 2)
+    partial.pop("encoder.h.1.mlp.c_fc")
+    with pytest.raises(ValueError, match="no components for encoder.h.1.mlp.c_fc"):
+        apply_method(tiny_model(), "eva", rank=2, eva_weights=partial)
     with pytest.raises(ValueError, match="'predict_actoin', which matches no module"):
         apply_method(tiny_model(), "lora", modules_to_save=("predict_actoin",))  # PEFT would skip it silently
 

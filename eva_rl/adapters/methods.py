@@ -124,7 +124,13 @@ def _eva_config(options: MethodOptions, use_dora: bool) -> LoraConfig:
             "Method 'eva' needs the EVA components: compute them with "
             "eva_rl.adapters.eva.eva_state_dict(model, batches, rank=...) and pass eva_weights=..."
         )
-    ranks = {name: int(a.shape[0]) for name, a in options.eva_weights.items() if name in options.target_modules}
+    missing = [name for name in options.target_modules if name not in options.eva_weights]
+    if missing:  # else those matrices would silently get no adapter
+        raise ValueError(
+            f"eva_weights has no components for {', '.join(missing)}; compute them with eva_state_dict(..., "
+            f"target_modules=...) for the same target_modules as apply_method."
+        )
+    ranks = {name: int(options.eva_weights[name].shape[0]) for name in options.target_modules}
     kept = [name for name in options.target_modules if ranks.get(name, 0) > 0]
     if not kept:
         raise ValueError("EVA assigned rank 0 to every target module; raise the rank or lower rho.")
