@@ -182,7 +182,13 @@ def load_policy(directory: str | os.PathLike, *, base: str | os.PathLike | None 
             f"{str(path)!r} holds neither a checkpoint (config.json) nor an adapter (adapter_config.json); "
             f"pass a model/ or merged/ directory of a run, or its adapter/ directory."
         )
-    info = json.loads((path / ADAPTER_INFO_FILE).read_text()) if (path / ADAPTER_INFO_FILE).exists() else {}
+    info = {}
+    if (path / ADAPTER_INFO_FILE).exists():
+        try:
+            info = json.loads((path / ADAPTER_INFO_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path / ADAPTER_INFO_FILE)!r} is not valid JSON ({exc}); the adapter directory is "
+                             f"damaged: fine-tune again, or delete that file and pass base=... (--base DIR).") from None
     if base is None:
         recorded = info.get("checkpoint") or json.loads((path / "adapter_config.json").read_text()).get(
             "base_model_name_or_path")

@@ -183,6 +183,9 @@ def test_load_policy_applies_a_saved_adapter_to_its_base(tmp_path):
     assert load_policy(tmp_path / "adapter", base=tmp_path / "base").metadata.target_returns == {PENDULUM: -20.0}
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         load_policy(tmp_path)
+    (tmp_path / "adapter" / "eva_rl_adapter.json").write_text('{"checkpoint": ')  # a write cut short
+    with pytest.raises(ValueError, match="eva_rl_adapter.json' is not valid JSON"):
+        load_policy(tmp_path / "adapter")
 
 
 # -- Meta-World: success flags through the vector env, and video -----------------------------------
