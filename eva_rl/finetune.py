@@ -10,7 +10,8 @@ a torchrun job computes the same components.
 
 Run directory (`train.out_dir`):
     config.yaml             the resolved FinetuneConfig (reloads with load_config)
-    eva/                    EVA's components (eva_weights.safetensors), reused when a run resumes
+    eva/                    EVA's components (eva_weights.safetensors), reused when a run resumes with the
+                            same EVA inputs (recorded in the file's metadata)
     eva_report.json, eva_ranks.png   EVA's ranks, explained variance, convergence, seconds
     tb/, checkpoints/       as in train.py
     adapter/                PeftModel.from_pretrained(base, adapter/) + eva_rl_adapter.json
