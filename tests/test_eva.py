@@ -243,3 +243,23 @@ def test_distributed_ranks_get_the_same_components(tmp_path) -> None:
         assert torch.equal(r0["weights"][name], r1["weights"][name])
         assert smallest_cosine(r0["weights"][name], single[name]) > 0.9999
     assert r0["tokens"] == report.tokens_seen
+
+
+def test_a_policy_feeds_eva_the_same_rows_as_its_bare_dt() -> None:
+    """The policy runs its own forward through the blocks (trimmed in training); EVA switches it to
+    eval mode, where every token must still reach every matrix, exactly as in transformers' DT."""
+    from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+
+    torch.manual_seed(0)
+    config = PolicyConfig.from_preset("tiny", state_dim=STATE, act_dim=ACT, hidden_size=16, n_layer=2, n_head=2,
+                                      context_length=6, max_ep_len=64)
+    policy = DecisionTransformerPolicy(config, PolicyMetadata(state_mean=[0.0] * STATE, state_std=[1.0] * STATE,
+                                                              tasks=("t",), obs_dims=(STATE,), act_dims=(ACT,)))
+    policy.train()
+    batches = make_batches(4)
+    via_policy, report = eva_state_dict(policy, batches, rank=3, max_batches=4)
+    via_dt, bare = eva_state_dict(policy.model, batches, rank=3, max_batches=4)
+    assert policy.training  # EVA puts the mode back
+    assert report.tokens_seen == bare.tokens_seen
+    for name in via_dt:
+        assert torch.allclose(via_policy[name], via_dt[name], atol=1e-5), name
