@@ -255,9 +255,10 @@ def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: Ca
 def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
     """Variants x tasks of `measure` (mean +- stderr over seeds), and the average over tasks.
 
-    The average is the mean of the per-task means; its standard error combines the per-task
-    errors as independent (sqrt(sum se^2) / n_tasks), which stays defined when tasks ran
-    different seeds. Tasks with a single seed contribute no error term.
+    The average is the mean of the per-task means. Its standard error follows the EVA paper's
+    "mean +- standard error over seeds": when every task ran the same seeds, average over tasks
+    within each seed and take the error across seeds. Otherwise (an unfinished grid) the per-task
+    errors are combined as independent (sqrt(sum se^2) / n_tasks); single-seed tasks add nothing.
     """
     if measure not in MEASURES:
         raise ValueError(f"Unknown measure {measure!r}; expected one of {sorted(MEASURES)}.")
@@ -276,10 +277,23 @@ def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
         row = [cells[(v, t)] for t in tasks if (v, t) in cells]
         if not row:
             continue
-        errors = [c.stderr for c in row if math.isfinite(c.stderr)]
-        stderr = math.sqrt(sum(e * e for e in errors)) / len(row) if errors else math.nan
+        stderr = _suite_stderr([r for r in runs if r.variant == v], measure, row)
         average[v] = Cell(float(np.mean([c.mean for c in row])), stderr, sum(c.n for c in row))
     return Table(measure, variants, tasks, cells, average)
+
+
+def _suite_stderr(runs: Sequence[RunRecord], measure: str, row: Sequence[Cell]) -> float:
+    """Standard error of one variant's average over tasks (see `metric_table`)."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in runs:
+        value = r.final(measure)
+        if value is not None and math.isfinite(value):
+            by_seed.setdefault(r.seed, {})[str(r.task)] = value
+    task_sets = {frozenset(values) for values in by_seed.values()}
+    if len(by_seed) >= 2 and len(task_sets) == 1:
+        return mean_stderr(np.mean(list(values.values())) for values in by_seed.values()).stderr
+    errors = [c.stderr for c in row if math.isfinite(c.stderr)]
+    return math.sqrt(sum(e * e for e in errors)) / len(row) if errors else math.nan
 
 
 def aggregate_scores(runs: Sequence[RunRecord], measure: str = "success", *, n_bootstrap: int = 2000,

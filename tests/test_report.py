@@ -71,15 +71,23 @@ def test_table_cells_are_mean_and_stderr_over_seeds(runs_dir: Path) -> None:
     assert a.n == 2 and a.mean == pytest.approx(0.6) and a.stderr == pytest.approx(0.1)
     assert table.cells[("eva", "task-b")].stderr == pytest.approx(0.0)
     avg = table.average["lora"]
-    assert avg.mean == pytest.approx(0.45) and avg.stderr == pytest.approx(math.sqrt(0.02) / 2)
+    # both tasks ran seeds 0 and 1: per-seed suite averages 0.35 and 0.55 -> stderr 0.1 over seeds
+    assert avg.mean == pytest.approx(0.45) and avg.stderr == pytest.approx(0.1)
     assert table.average["eva"].mean == pytest.approx(0.5)
     fft = table.cells[("fft", "task-a")]
     assert fft.n == 1 and math.isnan(fft.stderr) and ("fft", "task-b") not in table.cells
     markdown = table.to_markdown()
-    assert "| lora | 0.60 ± 0.10 | 0.30 ± 0.10 | 0.45 ± 0.07 |" in markdown
+    assert "| lora | 0.60 ± 0.10 | 0.30 ± 0.10 | 0.45 ± 0.10 |" in markdown
     assert "| fft | 1.00 | – | 1.00 |" in markdown
     returns = metric_table(runs, "return")
     assert returns.cells[("eva", "task-a")].mean == pytest.approx(700.0)
+
+
+def test_suite_error_of_an_unfinished_grid_combines_task_errors(runs_dir: Path) -> None:
+    write_run(runs_dir, "lora", "task-a", 2, 0.9, 0.1, 0.1)  # seed 2 ran task-a only
+    avg = metric_table(load_runs(runs_dir), "success").average["lora"]
+    a, b = mean_stderr([0.5, 0.7, 0.9]), mean_stderr([0.2, 0.4])
+    assert avg.stderr == pytest.approx(math.sqrt(a.stderr ** 2 + b.stderr ** 2) / 2)
 
 
 def test_iqm_and_stratified_bootstrap(runs_dir: Path) -> None:
