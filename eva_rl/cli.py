@@ -270,12 +270,25 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 
+SUMMARIES = {
+    "collect": "collect behaviour data (scripted expert + noise, SB3 model, random) into Minari datasets",
+    "pretrain": "pretrain a Decision Transformer on one or many tasks' datasets",
+    "evaluate": "evaluate a checkpoint, a fine-tuned adapter or a reference agent on tasks or suites",
+    "finetune": "fine-tune a pretrained checkpoint on a task with fft, lora, dora, pissa, olora, adalora, eva or eva_dora",
+    "report": "tables and plots from a directory of runs",
+    "experiment": "run a grid of collect / pretrain / finetune runs, locally or on Ray",
+    "quickstart": "the whole pipeline at toy scale in a few minutes (configs/quickstart.yaml)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eva-rl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="eva-rl", description="Fine-tune pretrained Decision Transformers offline with EVA-initialised "
+                                   "adapters, and evaluate them on Gymnasium and Meta-World tasks.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name))
+        add_args(sub.add_parser(name, help=SUMMARIES.get(name), description=SUMMARIES.get(name)))
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
