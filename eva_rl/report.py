@@ -460,7 +460,7 @@ def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | N
         ax.set_yscale("log")
     title = MEASURES[measure].title.replace("Final training", "Training")  # a curve, not its last value
     return _save_figure(fig, ax, path, "fine-tuning steps", title,
-                        f"{title} vs fine-tuning steps (mean, 95% band over runs)")
+                        f"{title} vs fine-tuning steps\n(mean, 95% band over runs)")
 
 
 def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:
@@ -537,7 +537,7 @@ def plot_params_vs_success(runs: Sequence[RunRecord], path: Path) -> Path | None
         return None
     ax.set_xscale("log")
     return _save_figure(fig, ax, path, "trainable parameters", "success rate",
-                        "Trainable parameters vs success (mean ± stderr over runs)")
+                        "Trainable parameters vs success\n(mean ± stderr over runs)")
 
 
 def _save_figure(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
