@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shutil
 import tempfile
+import uuid
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -159,3 +161,21 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
 
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Rename the finished directory `new` to `final`; an old `final` is set aside and restored on failure.
+
+    A directory cannot be swapped atomically; this keeps the window without a directory at `final`
+    to two renames, and never loses the old one.
+    """
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

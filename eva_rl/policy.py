@@ -38,6 +38,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.pytorch_utils import Conv1D
 
 import eva_rl
+from eva_rl.config import replace_dir
 
 METADATA_FILE = "eva_rl.json"
 _FORMAT_VERSION = 1  # of eva_rl.json; bump when its layout changes
@@ -682,13 +683,7 @@ class DecisionTransformerPolicy(nn.Module):
                 json.dump(payload, handle, indent=2)
                 handle.flush()
                 os.fsync(handle.fileno())
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations  # field types are strings here: the key hints must still see sections
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from eva_rl import config as config_module
 from eva_rl.config import config_to_dict, load_config, save_config
 
 
@@ -125,3 +127,21 @@ def test_save_config_round_trip(tmp_path):
     assert config_to_dict(config) == {"optim": {"lr": 2e-4, "betas": [0.8, 0.95]}, "steps": 3, "name": "x",
                                       "tags": ["a"], "horizon": None}
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_a_failed_directory_swap_puts_the_old_one_back(tmp_path, monkeypatch):
+    final, new = tmp_path / "final", tmp_path / "new"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new.mkdir()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == new:
+            raise OSError("cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(config_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="cross-device"):
+        config_module.replace_dir(new, final)
+    assert (final / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["final", "new"]

@@ -37,6 +37,8 @@ from transformers.pytorch_utils import Conv1D
 import peft
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
+from eva_rl.config import replace_dir
+
 # Every attention and MLP matrix of a GPT-2 block; suffixes of module names, as PEFT matches them.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
 
@@ -450,12 +452,6 @@ def _atomic_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
 
 
-def _commit_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
 def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
 
@@ -478,7 +474,7 @@ def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, ex
             _save_as_plain_lora(model, info, tmp)
         meta = {"method": info.method, **info.to_json(), **dict(extra or {})}
         (tmp / ADAPTER_METADATA_FILE).write_text(json.dumps(meta, indent=2))
-        _commit_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

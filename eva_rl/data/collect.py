@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
+from eva_rl.config import replace_dir
 from eva_rl.envs import expert_policy, make_env, task_spec
 
 NAMESPACE = "eva-rl"
@@ -284,7 +284,7 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
             extra.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
         dataset.storage.update_metadata(extra)
         final.parent.mkdir(parents=True, exist_ok=True)
-        _move_into_place(staging / dataset_id, final)
+        replace_dir(staging / dataset_id, final)
     finally:
         if previous is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
@@ -292,25 +292,6 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
             os.environ["MINARI_DATASETS_PATH"] = previous
         shutil.rmtree(staging, ignore_errors=True)
     return final
-
-
-def _move_into_place(new: Path, final: Path) -> None:
-    """Rename the finished dataset `new` to `final`; an old `final` is set aside and restored on failure.
-
-    A directory cannot be swapped atomically; this keeps the window without a dataset at `final`
-    to two renames, and never loses the old one.
-    """
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
