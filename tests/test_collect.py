@@ -1,4 +1,3 @@
-
 import minari
 import numpy as np
 import pytest
