@@ -107,6 +107,8 @@ class FinetuneConfig:
     context_length: int = 20
     # EVA's settings (methods eva and eva_dora).
     eva: EvaSection = field(default_factory=EvaSection)
+    # AdaLoRA's settings (method adalora): orthogonality penalty weight and rank schedule.
+    adalora: methods.AdaLoraOptions = field(default_factory=methods.AdaLoraOptions)
     # The training loop: data.paths = the task's dataset(s); the policy section is not used.
     train: TrainConfig = field(default_factory=_default_train)
 
@@ -125,6 +127,8 @@ class FinetuneConfig:
                              f"must have the same length, or both be empty.")
         if self.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}.")
+        if self.method == "adalora":
+            self.adalora.initial_rank(self.rank)  # before any work: something must be left to prune
 
 
 def load_pretrained(config: FinetuneConfig, dataset: Any) -> nn.Module:
@@ -249,20 +253,6 @@ def _eva_inputs(config: FinetuneConfig) -> str:
                        "seed": config.train.seed}, sort_keys=True)
 
 
-def _add_orthogonality_penalty(policy: nn.Module) -> None:
-    """AdaLoRA trains with an orthogonality penalty on P and Q; PEFT adds it only to outputs that
-    carry a `.loss`, which the DT's do not. Added to the training loss here (not to the
-    validation action error, which runs in eval mode)."""
-    plain_loss = policy.loss
-
-    def loss(batch: dict, **kw: Any) -> torch.Tensor:
-        value = plain_loss(batch, **kw)
-        penalty = methods.regularization_loss(policy) if policy.training else None
-        return value if penalty is None else value + penalty
-
-    policy.loss = loss  # instance attribute: train.py calls policy.loss(batch)
-
-
 def finetune(config: FinetuneConfig) -> TrainResult:
     """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring."""
     from eva_rl.data.trajectories import load_trajectories
@@ -290,12 +280,10 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         eva_weights, report = run_eva(policy, dataset, config, out_dir)
     methods.apply_method(policy, config.method, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                          target_modules=config.target_modules, modules_to_save=config.modules_to_save,
-                         total_steps=config.train.steps, eva_weights=eva_weights)
+                         total_steps=config.train.steps, eva_weights=eva_weights, adalora=config.adalora)
     info = methods.adapter_info(policy)
     log.info("%s: %d trainable of %d parameters (%.2f%%).", config.method, info.trainable_params,
              info.total_params, 100.0 * info.trainable_params / info.total_params)
-    if spec.uses_rank_schedule:
-        _add_orthogonality_penalty(policy)
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(config, out_dir / "config.yaml")
 
@@ -312,8 +300,11 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     task = dataset.task_names[0] if len(dataset.task_names) == 1 else ",".join(dataset.task_names)
     run_info = RunInfo(kind="finetune", task=task, method=config.method,
                        rank=None if spec.build_config is None else config.rank, eva_seconds=eva_seconds)
+    # AdaLoRA's orthogonality penalty: PEFT adds it only to outputs carrying a `.loss`, which the
+    # DT's do not, so the training loop adds it (and logs it apart from the action MSE).
+    regularizer = (lambda: methods.regularization_loss(policy)) if spec.uses_rank_schedule else None
     return train(config.train, policy=policy, dataset=dataset, on_step=methods.step_hook(policy),
-                 run_info=run_info, on_end=save)
+                 run_info=run_info, on_end=save, regularizer=regularizer)
 
 
 def _saved_eva_seconds(out_dir: Path) -> float | None:

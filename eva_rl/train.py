@@ -286,14 +286,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 class _LossModule(nn.Module):
-    """Wraps a policy so that DDP and torch.compile see `policy.loss(batch)` as the forward."""
+    """Wraps a policy so that DDP and torch.compile see `policy.loss(batch)` (and the method's
+    regularisation term, computed in the same forward so DDP sees its gradients) as the forward."""
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, regularizer: Callable[[], torch.Tensor | None] | None) -> None:
         super().__init__()
         self.policy = policy
+        self.regularizer = regularizer
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy.loss(batch)
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.policy.loss(batch), self.regularizer() if self.regularizer is not None else None
 
 
 @dataclass(frozen=True)
@@ -587,7 +589,8 @@ def check_run_dir(config: TrainConfig) -> Path | None:
 
 def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any = None,
           on_step: Callable[[int], None] | None = None, run_info: RunInfo = RunInfo(),
-          on_end: Callable[[nn.Module], None] | None = None) -> TrainResult:
+          on_end: Callable[[nn.Module], None] | None = None,
+          regularizer: Callable[[], torch.Tensor | None] | None = None) -> TrainResult:
     """Train `policy` on `dataset` offline for config.steps updates; write checkpoints, logs, metrics.json.
 
     policy: a DecisionTransformerPolicy (or a PEFT model wrapping one) with `loss(batch) -> scalar`.
@@ -602,11 +605,14 @@ def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any 
     run_info: kind/task/method/rank/eva_seconds written into metrics.json.
     on_end: called with the trained policy on rank 0 before metrics.json is written (save the
         model or adapter there, so that metrics.json's presence means the run is complete).
+    regularizer: a term added to the loss for the gradient only (AdaLoRA's orthogonality penalty).
+        train/loss and metrics.json's train_loss stay the action MSE, comparable across methods;
+        the term is logged as train/regularization.
     """
     ddp = _init_distributed("cuda" if config.device.startswith("cuda") or
                             (config.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
-        return _train(config, policy, dataset, on_step, run_info, on_end, ddp)
+        return _train(config, policy, dataset, on_step, run_info, on_end, regularizer, ddp)
     finally:
         if ddp.created:
             dist.destroy_process_group()
@@ -656,7 +662,8 @@ class _Log:
 
 
 def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step: Callable[[int], None] | None,
-           run_info: RunInfo, on_end: Callable[[nn.Module], None] | None, ddp: _Dist) -> TrainResult:
+           run_info: RunInfo, on_end: Callable[[nn.Module], None] | None,
+           regularizer: Callable[[], torch.Tensor | None] | None, ddp: _Dist) -> TrainResult:
     out_dir = Path(config.out_dir)
     device, dtype = _device_and_precision(config, ddp)
     found = check_run_dir(config)  # before any work: a refused run fails fast
@@ -681,7 +688,7 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
                            on_step, ddp)
     log.info("Trainable parameters: %d of %d (%.2f%%); device %s, precision %s, %d process(es).",
              trainable, total, 100.0 * trainable / total, device, dtype or "fp32", ddp.world_size)
-    model = _wrap(policy, config, device, ddp)
+    model = _wrap(policy, config, device, ddp, regularizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     val_batches = _validation_batches(val_data, config, context)
     eval_tasks = config.eval_tasks or tuple(dataset.task_names)
@@ -713,8 +720,8 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
             train_data), device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
-            loss = model(batch)  # masked action MSE, averaged over real steps
-        loss.backward()
+            loss, penalty = model(batch)  # masked action MSE averaged over real steps; regularizer term
+        (loss if penalty is None else loss + penalty).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
         optimizer.step()
         scheduler.step()
@@ -732,7 +739,8 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
             history["train_loss"].append([step, mean_loss])
             logger.scalars({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                             "train/grad_norm": float(grad_norm),
-                            "train/updates_per_second": progress.window_steps / seconds}, step)
+                            "train/updates_per_second": progress.window_steps / seconds}
+                           | ({} if penalty is None else {"train/regularization": float(penalty.detach())}), step)
             logger.bar_update(progress.window_steps, loss=f"{mean_loss:.4g}")
             loss_sum.zero_()
             progress.window_steps, window_start = 0, time.perf_counter()
@@ -791,9 +799,10 @@ def _resume(checkpoints: Path, config: TrainConfig, policy: nn.Module, optimizer
                      window_steps=int(window["steps"]))
 
 
-def _wrap(policy: nn.Module, config: TrainConfig, device: torch.device, ddp: _Dist) -> nn.Module:
+def _wrap(policy: nn.Module, config: TrainConfig, device: torch.device, ddp: _Dist,
+          regularizer: Callable[[], torch.Tensor | None] | None) -> nn.Module:
     """The module the loop calls: `policy.loss` as forward, under DDP and torch.compile when asked."""
-    model: nn.Module = _LossModule(policy)
+    model: nn.Module = _LossModule(policy, regularizer)
     if ddp.world_size > 1:
         # Unused heads (state/return prediction) get no gradient from the action loss.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -172,6 +172,14 @@ def test_bad_input_fails_before_any_work(setup, tmp_path, capsys, key, value, me
     assert not (out / "checkpoints").exists() and not (out / "eva").exists()
 
 
+def test_adalora_with_nothing_to_prune_fails_before_any_work(setup, tmp_path, capsys) -> None:
+    out = tmp_path / "bad"
+    assert main(["finetune", *overrides(setup, out, **{"method": "adalora", "rank": "4",
+                                                        "adalora.init_rank": "4"})]) == 2
+    assert "adalora.init_rank (4) must be above rank (4)" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
 def test_checkpoint_that_does_not_fit_the_data(setup, tmp_path, capsys) -> None:
     config = PolicyConfig.from_preset("tiny", state_dim=5, act_dim=1, hidden_size=16, n_layer=1, n_head=2,
                                       context_length=4, max_ep_len=64)

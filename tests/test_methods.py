@@ -183,6 +183,23 @@ def test_adalora_ranks_shrink_when_the_loop_calls_the_step_hook() -> None:
     assert sum(ranks.values()) == 2 * len(ranks) < start  # pruned to the target budget
 
 
+def test_adalora_options_reach_peft_and_scale_the_penalty() -> None:
+    light = adapted("adalora", rank=2, total_steps=40)
+    heavy = adapted("adalora", rank=2, total_steps=40,
+                    adalora=methods.AdaLoraOptions(orth_reg_weight=0.5, init_rank=4, warmup_fraction=0.25,
+                                                   final_fraction=0.5))
+    config = heavy.peft_config["default"]
+    assert (config.orth_reg_weight, config.init_r, config.target_r, config.tinit, config.tfinal) == (0.5, 4, 2, 10, 20)
+    assert light.peft_config["default"].orth_reg_weight == 0.01  # the default, sized for a DT's action MSE
+    assert sum(methods.adalora_ranks(heavy).values()) == 4 * len(methods.adalora_ranks(heavy))
+    unweighted = float(methods.regularization_loss(heavy)) / 0.5
+    assert unweighted > 1.0  # random P, Q are far from orthonormal
+    with pytest.raises(ValueError, match="init_rank .* must be above rank"):
+        adapted("adalora", rank=2, adalora=methods.AdaLoraOptions(init_rank=2))
+    with pytest.raises(ValueError, match="leave some steps for pruning"):
+        methods.AdaLoraOptions(warmup_fraction=0.5, final_fraction=0.5)
+
+
 def test_hook_state_round_trips() -> None:
     model = adapted("adalora", rank=2, total_steps=10)
     hook = methods.step_hook(model)

@@ -126,6 +126,25 @@ def test_loss_decreases_and_metrics_json(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_a_regularizer_trains_the_weights_but_stays_out_of_the_logged_loss(tmp_path):
+    """AdaLoRA's penalty goes through this path: the gradient sees it, train_loss does not."""
+    dataset = tiny_dataset()
+    runs = {}
+    for name in ("plain", "constant", "shrink"):
+        config = tiny_config(tmp_path / name, "checkpoint_every=0", "policy.dropout=0.0")
+        policy = fresh_policy(config, dataset)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        regularizer = {"plain": None,
+                       "constant": lambda: torch.tensor(5.0),  # no gradient: must change nothing at all
+                       "shrink": lambda: 10.0 * sum(p.square().sum() for p in params)}[name]
+        runs[name] = train(config, policy=policy, dataset=dataset, regularizer=regularizer)
+    plain, constant, shrink = (runs[n] for n in ("plain", "constant", "shrink"))
+    assert constant.metrics["train_loss"] == plain.metrics["train_loss"]  # the 5.0 is not in the log
+    assert_same_weights(constant.policy, plain.policy)
+    norm = {n: sum(float(p.square().sum()) for p in r.policy.parameters() if p.requires_grad) for n, r in runs.items()}
+    assert norm["shrink"] < norm["plain"]  # the penalty's gradient was applied
+
+
 # before any checkpoint, right after one, between; log_every=4 does not divide checkpoint_every=6, so
 # the checkpoint at 6 falls inside a log window whose losses must survive the kill
 @pytest.mark.parametrize("kill_step, log_every", [(3, 2), (7, 2), (10, 2), (7, 4)])
