@@ -154,6 +154,9 @@ class ExperimentConfig:
     name: str = "experiment"
     # Root of everything the experiment writes (relative paths are relative to the working directory).
     out_dir: str = "runs/experiment"
+    # Where the report of this experiment's runs goes; None = out_dir/report. Two configs sharing
+    # an out_dir (a grid and a subset of it) keep apart reports here.
+    report_dir: str | None = None
     collect: CollectStage = field(default_factory=CollectStage)
     pretrain: PretrainStage = field(default_factory=lambda: PretrainStage(tasks=("reach-v3",)))
     finetune: FinetuneStage = field(default_factory=lambda: FinetuneStage(tasks=("push-v3",)))
