@@ -231,7 +231,11 @@ def _run_experiment_and_report(config_name: str, overrides: list[str], args: arg
         raise SystemExit(1) from None
     for failed in result.failed:
         print(f"FAILED {failed.name}: {(failed.error or '').strip().splitlines()[-1:]}", file=sys.stderr)
-    made = write_report(result.out_dir) if report and any(r.status != "failed" for r in result.runs) else None
+    made = None
+    if report and any(r.status != "failed" for r in result.runs):
+        # this config's runs only: another config may share the out_dir (cw10-cpu-lite in cw10-cpu's)
+        made = write_report(result.out_dir, config.report_dir or result.out_dir / "report",
+                            run_dirs=[result.out_dir / "runs" / r.name for r in result.runs])
     return result, made
 
 

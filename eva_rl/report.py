@@ -162,8 +162,19 @@ class ReportResult:
 
 # --- reading runs -------------------------------------------------------------------------------
 
-def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune") -> list[RunRecord]:
-    """Every run under `runs_dir` with a readable metrics.json (of `kind`, or all when None).
+def _run_files(root: Path, name: str, run_dirs: Iterable[str | Path] | None) -> list[Path]:
+    """`name` files of the runs under root, skipping report folders (report/, report-lite/, ...)
+    and runs an --overwrite moved aside; only those in `run_dirs` when given."""
+    wanted = None if run_dirs is None else {Path(d).resolve() for d in run_dirs}
+    return [path for path in sorted(root.rglob(name))
+            if not any(part == "_replaced" or part.startswith("report") for part in path.relative_to(root).parts[:-1])
+            and (wanted is None or path.parent.resolve() in wanted)]
+
+
+def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune",
+              run_dirs: Iterable[str | Path] | None = None) -> list[RunRecord]:
+    """Every run under `runs_dir` with a readable metrics.json (of `kind`, or all when None);
+    with `run_dirs`, only the runs in those directories (one experiment's grid in a shared out_dir).
 
     A run's grid point comes from `run.json` (written by eva_rl.experiment) when present, else
     from metrics.json's method and rank. Row labels name the method plus every grid key (other
@@ -173,9 +184,7 @@ def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune") -> list[Ru
     if not root.is_dir():
         raise FileNotFoundError(f"Runs directory {str(root)!r} does not exist. Pass the out_dir of an experiment.")
     found: list[tuple[Path, dict, dict]] = []
-    for path in sorted(root.rglob("metrics.json")):
-        if {"report", "_replaced"} & set(path.relative_to(root).parts[:-1]):
-            continue  # our own output, and runs an --overwrite moved aside
+    for path in _run_files(root, "metrics.json", run_dirs):
         try:
             metrics = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -578,14 +587,16 @@ def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
 # --- the report ----------------------------------------------------------------------------------
 
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_bootstrap: int = 2000, seed: int = 0,
-                 plots: bool = True, tensorboard: bool = True) -> ReportResult:
-    """Write report.md, CSVs, PNG plots and a tensorboard hparams view for the runs in `runs_dir`.
+                 plots: bool = True, tensorboard: bool = True,
+                 run_dirs: Iterable[str | Path] | None = None) -> ReportResult:
+    """Write report.md, CSVs, PNG plots and a tensorboard hparams view for the runs in `runs_dir`
+    (only those in `run_dirs` when given).
 
     out_dir defaults to `runs_dir/report`. Raises FileNotFoundError when no fine-tuning run
     has a metrics.json yet.
     """
     root = Path(runs_dir)
-    runs = load_runs(root)
+    runs = load_runs(root, run_dirs=run_dirs)
     if not runs:
         raise FileNotFoundError(
             f"No fine-tuning metrics.json under {str(root)!r}. Run `eva-rl experiment CONFIG` (or "
@@ -597,7 +608,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
     sections = [f"# Report: {root}", "",
                 f"{len(runs)} fine-tuning runs; cells are mean ± standard error over seeds; "
                 f"the average is the mean over tasks.", ""]
-    failed = _failed_runs(root)
+    failed = _failed_runs(root, run_dirs)
     if failed:
         sections += [f"**{len(failed)} runs failed** (see error.txt in each): "
                      + ", ".join(str(p.relative_to(root)) for p in failed), ""]
@@ -643,11 +654,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
     return ReportResult(out, tuple(runs), tables, tuple(aggregates), tuple(paired), markdown, tuple(files))
 
 
-def _failed_runs(root: Path) -> list[Path]:
+def _failed_runs(root: Path, run_dirs: Iterable[str | Path] | None) -> list[Path]:
     failed = []
-    for run_json in sorted(root.rglob("run.json")):
-        if "_replaced" in run_json.relative_to(root).parts:
-            continue
+    for run_json in _run_files(root, "run.json", run_dirs):
         try:
             if json.loads(run_json.read_text()).get("status") == "failed":
                 failed.append(run_json.parent)

@@ -180,6 +180,47 @@ def test_write_report_files_plots_and_hparams(runs_dir: Path) -> None:
     assert "| eva | 4 | 0.50 ± 0.12 |" in table
 
 
+def test_a_report_of_a_subset_of_the_runs(runs_dir: Path) -> None:
+    """cw10-cpu-lite's report in cw10-cpu's out_dir: only its own runs, in its own folder."""
+    write_report(runs_dir, n_bootstrap=50, plots=False, tensorboard=False)  # report/ is never read as runs
+    subset = [runs_dir / f"task-a__{m}__s{s}" for m in ("lora", "eva") for s in (0, 1)]
+    result = write_report(runs_dir, runs_dir / "report-lite", n_bootstrap=50, plots=False, tensorboard=False,
+                          run_dirs=subset)
+    assert sorted(str(r.path) for r in load_runs(runs_dir, run_dirs=subset)) == sorted(map(str, subset))
+    assert "4 fine-tuning runs" in result.markdown
+    with open(runs_dir / "report-lite" / "success.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"lora", "eva"} and "task-b" not in rows["lora"]
+    assert float(rows["lora"]["task-a"]) == pytest.approx(0.6)
+    assert len(load_runs(runs_dir)) == len(FINALS)  # neither report folder adds rows
+
+
+def test_an_experiment_reports_its_own_runs_into_its_report_dir(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`eva-rl experiment cw10-cpu-lite.yaml` shares cw10-cpu's out_dir; its report holds its runs only."""
+    import eva_rl.experiment as experiment
+    from eva_rl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "cw10-cpu"
+    for (method, task, seed), (success, loss, error) in FINALS.items():
+        write_run(out / "runs", method, task, seed, success, loss, error)
+    mine = [f"task-b__{m}__s{s}" for m in ("lora", "eva") for s in (0, 1)]
+
+    def fake_run(config, **kwargs):
+        assert config.name == "cw10-cpu-lite"
+        runs = tuple(experiment.JobResult(name, "skipped", 0.0) for name in mine)
+        return experiment.ExperimentResult(out.resolve(), out / "pretrain" / "model", None, runs)
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    assert main(["experiment", "cw10-cpu-lite.yaml"]) == 0
+    assert str(out / "report-lite" / "report.md") in capsys.readouterr().out
+    with open(out / "report-lite" / "success.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"lora", "eva"} and "task-a" not in rows["lora"]
+    assert float(rows["lora"]["task-b"]) == pytest.approx(0.3)
+    assert not (out / "report").exists()
+
+
 def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No fine-tuning metrics.json"):
         write_report(tmp_path)
