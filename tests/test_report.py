@@ -213,7 +213,7 @@ def test_an_experiment_reports_its_own_runs_into_its_report_dir(tmp_path: Path, 
 
     monkeypatch.setattr(experiment, "run_experiment", fake_run)
     assert main(["experiment", "cw10-cpu-lite.yaml"]) == 0
-    assert str(out / "report-lite" / "report.md") in capsys.readouterr().out
+    assert "Report: runs/cw10-cpu/report-lite/report.md" in capsys.readouterr().out
     with open(out / "report-lite" / "success.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"lora", "eva"} and "task-a" not in rows["lora"]
