@@ -7,6 +7,7 @@ and saving a resolved config back to YAML that reloads to the same object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -15,7 +16,7 @@ import tempfile
 import uuid
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -146,20 +147,32 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     write_text_atomic(Path(path), text)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so a crash never leaves half of it."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file name next to `path`, for writers that take a name (safetensors, imageio).
+
+    When the block ends without error the file is fsynced and renamed to `path`; otherwise it is
+    removed. Either way a crash never leaves half a file at `path`. The temporary name keeps
+    `path`'s suffix, so writers that pick a format by extension still do.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename, so a crash never leaves half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def replace_dir(new: Path, final: Path) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from eva_rl.config import atomic_path, write_text_atomic
 from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
 
@@ -133,8 +134,6 @@ class EvalResult:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write everything as JSON, atomically (temporary file + rename)."""
-        from eva_rl.config import write_text_atomic
-
         path = Path(path)
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
@@ -492,16 +491,12 @@ def _write_video(path: Path, frames: list[np.ndarray], env: Any, every: int) -> 
     frames = [np.asarray(f) for f in frames if f is not None]
     if not frames:
         raise ValueError(f"The env of {path.stem!r} rendered no frames; it cannot be recorded.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # real-time playback: the env's frame rate over the frames skipped
     fps = max(1, round(float(env.metadata.get("render_fps") or 30) / every))
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
     except Exception as exc:
-        if tmp.exists():
-            tmp.unlink()
         if isinstance(exc, (ImportError, RuntimeError)) and "ffmpeg" in str(exc).lower():
             raise RuntimeError("Writing MP4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from exc
         raise

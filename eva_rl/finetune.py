@@ -35,7 +35,7 @@ from torch import nn
 
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
-from eva_rl.config import config_to_dict, load_config, save_config
+from eva_rl.config import atomic_path, config_to_dict, load_config, save_config
 from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, _check_resume_config,
                           check_run_dir, train)
 
@@ -216,10 +216,8 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
     # a matrix cut off at the batch cap gets a less settled A: say so where a user looks
     (log.warning if report.not_converged else log.info)(report.summary())
     if int(os.environ.get("RANK", "0")) == 0:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"eva_inputs": inputs})
-        os.replace(tmp, saved)
+        with atomic_path(saved) as tmp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"eva_inputs": inputs})
         report.save(out_dir)
         from torch.utils.tensorboard import SummaryWriter
 

@@ -145,3 +145,17 @@ def test_a_failed_directory_swap_puts_the_old_one_back(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="cross-device"):
         config_module.replace_dir(new, final)
     assert (final / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["final", "new"]
+
+
+def test_a_writer_that_fails_midway_leaves_the_old_file(tmp_path):
+    target = tmp_path / "eva" / "components.safetensors"
+    config_module.write_text_atomic(target, "good")
+    with pytest.raises(RuntimeError, match="killed"):
+        with config_module.atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".safetensors"
+            tmp.write_text("half")
+            raise RuntimeError("killed while writing")
+    assert target.read_text() == "good" and [p.name for p in target.parent.iterdir()] == [target.name]
+    with config_module.atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == [target.name]
