@@ -10,8 +10,8 @@ tree of fine-tuning runs), and writes, into `RUNS_DIR/report/`:
   tasks x seeds (`aggregate.csv`);
 - paired differences of every method to `lora` and to `fft`, over the (task, seed) pairs both
   ran, with standard errors (`paired.csv`);
-- PNG plots: each measure vs fine-tuning steps per method (mean and 95% band), EVA's rank per
-  layer, trainable parameters vs success; and a tensorboard hparams view (`tb_hparams/`).
+- PNG plots: each measure vs fine-tuning steps per method (mean over tasks, 95% band over
+  seeds), EVA's rank per layer, trainable parameters vs success; and a tensorboard hparams view (`tb_hparams/`).
 
 The statistics are the ones `rliable` (Agarwal et al., 2021) computes, written out here
 because rliable pulls arch, statsmodels, pandas and seaborn into the install for four lines of
@@ -437,39 +437,59 @@ def _series(run: RunRecord, measure: str) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in run.metrics.get(measure) or [] if v is not None]
 
 
+def curve(runs: Sequence[RunRecord], measure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, 95% half-width) of one variant's curve, in the tables' terms: at each step the
+    mean over tasks per seed, then mean and 1.96 standard errors over seeds, so that the band shows
+    seed-to-seed spread rather than how far apart the tasks lie. Steps where no seed has every task
+    fall back to mean and stderr over the runs there."""
+    tasks = {r.task for r in runs}
+    by_step: dict[int, dict[int, dict[str, float]]] = {}
+    for r in runs:
+        for step, value in _series(r, measure):
+            if math.isfinite(value):
+                by_step.setdefault(step, {}).setdefault(r.seed, {})[r.task] = value
+    steps = np.array(sorted(by_step), dtype=int)
+    means, halves = [], []
+    for step in steps:
+        seeds = by_step[int(step)]
+        complete = [float(np.mean(list(v.values()))) for v in seeds.values() if set(v) == tasks]
+        cell = mean_stderr(complete if complete else [x for v in seeds.values() for x in v.values()])
+        means.append(cell.mean)
+        halves.append(1.96 * cell.stderr if math.isfinite(cell.stderr) else 0.0)
+    return steps, np.array(means), np.array(halves)
+
+
 def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | None:
-    """Mean and 95% band (1.96 stderr over runs) of a measure vs fine-tuning steps, per variant."""
+    """A measure vs fine-tuning steps per variant: mean over tasks, 95% band over seeds (`curve`).
+    Runs evaluated at a single step (success measured only at the end) get bars instead of lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [r for r in runs if r.kind == "finetune"]
+    curves = {v: curve([r for r in runs if r.variant == v], measure) for v in _variant_order(runs)}
+    curves = {v: c for v, c in curves.items() if c[0].size}
+    if not curves:
+        return None
+    title = MEASURES[measure].title.replace("Final training", "Training")  # a curve, not its last value
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    drawn = False
-    for v in _variant_order(runs):
-        by_step: dict[int, list[float]] = {}
-        for r in runs:
-            if r.variant == v:
-                for step, value in _series(r, measure):
-                    if math.isfinite(value):
-                        by_step.setdefault(step, []).append(value)
-        if not by_step:
-            continue
-        steps = np.array(sorted(by_step))
-        cells = [mean_stderr(by_step[s]) for s in steps]
-        mean = np.array([c.mean for c in cells])
-        half = np.array([1.96 * c.stderr if math.isfinite(c.stderr) else 0.0 for c in cells])
+    if all(steps.size == 1 for steps, _, _ in curves.values()):
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        names = list(curves)
+        for i, v in enumerate(names):
+            _, mean, half = curves[v]
+            ax.bar(i, mean[0], yerr=half[0], color=colors[i % len(colors)], capsize=4, label=v)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        step = int(next(iter(curves.values()))[0][0])
+        return _save_figure(fig, ax, path, f"method (at step {step})", title,
+                            f"{title} after {step} fine-tuning steps\n(mean over tasks, 95% CI over seeds)")
+    for v, (steps, mean, half) in curves.items():
         line, = ax.plot(steps, mean, label=v, marker="o" if steps.size < 12 else None, markersize=3)
         ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
     if measure in ("train_loss", "val_action_error"):
         ax.set_yscale("log")
-    title = MEASURES[measure].title.replace("Final training", "Training")  # a curve, not its last value
     return _save_figure(fig, ax, path, "fine-tuning steps", title,
-                        f"{title} vs fine-tuning steps\n(mean, 95% band over runs)")
+                        f"{title} vs fine-tuning steps\n(mean over tasks, 95% band over seeds)")
 
 
 def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:

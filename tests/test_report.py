@@ -221,6 +221,29 @@ def test_an_experiment_reports_its_own_runs_into_its_report_dir(tmp_path: Path, 
     assert not (out / "report").exists()
 
 
+def test_curve_bands_are_over_seeds_of_the_task_average(tmp_path: Path) -> None:
+    """Tasks far apart but seeds agreeing: the band is narrow (it is not the spread over runs)."""
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        write_run(tmp_path, "lora", "easy", seed, 0.9 + shift, 0.1, 0.1)
+        write_run(tmp_path, "lora", "hard", seed, 0.1 + shift, 0.1, 0.1)
+    write_run(tmp_path, "lora", "easy", 2, 0.5, 0.1, 0.1)  # seed 2 lacks "hard": left out where complete seeds exist
+    steps, mean, half = report.curve(load_runs(tmp_path), "success")
+    assert list(steps) == [0, 50, 100]
+    assert mean[-1] == pytest.approx(0.51)  # seeds' task averages 0.50 and 0.52
+    assert half[-1] == pytest.approx(1.96 * 0.01)  # stderr of (0.50, 0.52)
+    assert mean[0] == 0.0 and half[0] == 0.0
+
+
+def test_success_measured_once_is_drawn_as_bars(tmp_path: Path) -> None:
+    for method in ("lora", "eva"):
+        run = write_run(tmp_path, method, "task-a", 0, 0.5, 0.1, 0.1)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["eval"] = metrics["eval"][-1:]  # evaluated only at the end
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    path = report.plot_curves(load_runs(tmp_path), "success", tmp_path / "success.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No fine-tuning metrics.json"):
         write_report(tmp_path)
