@@ -127,8 +127,9 @@ class FinetuneConfig:
                              f"must have the same length, or both be empty.")
         if self.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}.")
-        if self.method == "adalora":
-            self.adalora.initial_rank(self.rank)  # before any work: something must be left to prune
+        if self.method == "adalora":  # before any work: something must be left to prune
+            self.adalora.initial_rank(self.rank)
+            self.adalora.schedule(self.train.steps)
 
 
 def load_pretrained(config: FinetuneConfig, dataset: Any) -> nn.Module:

@@ -10,8 +10,8 @@ tree of fine-tuning runs), and writes, into `RUNS_DIR/report/`:
   tasks x seeds (`aggregate.csv`);
 - paired differences of every method to `lora` and to `fft`, over the (task, seed) pairs both
   ran, with standard errors (`paired.csv`);
-- PNG plots: each measure vs fine-tuning steps per method (mean over tasks, 95% band over
-  seeds), EVA's rank per layer, trainable parameters vs success; and a tensorboard hparams view (`tb_hparams/`).
+- PNG plots: each measure vs fine-tuning steps per method (mean over tasks ± standard error
+  over seeds, as in the tables), EVA's rank per layer, trainable parameters vs success; and a tensorboard hparams view (`tb_hparams/`).
 
 The statistics are the ones `rliable` (Agarwal et al., 2021) computes, written out here
 because rliable pulls arch, statsmodels, pandas and seaborn into the install for four lines of
@@ -163,12 +163,16 @@ class ReportResult:
 # --- reading runs -------------------------------------------------------------------------------
 
 def _run_files(root: Path, name: str, run_dirs: Iterable[str | Path] | None) -> list[Path]:
-    """`name` files of the runs under root, skipping report folders (report/, report-lite/, ...)
-    and runs an --overwrite moved aside; only those in `run_dirs` when given."""
-    wanted = None if run_dirs is None else {Path(d).resolve() for d in run_dirs}
-    return [path for path in sorted(root.rglob(name))
-            if not any(part == "_replaced" or part.startswith("report") for part in path.relative_to(root).parts[:-1])
-            and (wanted is None or path.parent.resolve() in wanted)]
+    """`name` files of the runs under root, skipping report folders (any folder holding a
+    report.md) and runs an --overwrite moved aside; only those in `run_dirs` when given."""
+    if run_dirs is not None:
+        return sorted(Path(d) / name for d in run_dirs if (Path(d) / name).is_file())
+
+    def skipped(path: Path) -> bool:
+        folders = path.relative_to(root).parents  # path's folders up to root ("." last)
+        return any(f.name == "_replaced" or (root / f / "report.md").is_file() for f in list(folders)[:-1])
+
+    return [path for path in sorted(root.rglob(name)) if not skipped(path)]
 
 
 def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune",
@@ -262,47 +266,49 @@ def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: Ca
 
 
 def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
-    """Variants x tasks of `measure` (mean +- stderr over seeds), and the average over tasks.
-
-    The average is the mean of the per-task means. Its standard error follows the EVA paper's
-    "mean +- standard error over seeds": when every task ran the same seeds, average over tasks
-    within each seed and take the error across seeds. Otherwise (an unfinished grid) the per-task
-    errors are combined as independent (sqrt(sum se^2) / n_tasks); single-seed tasks add nothing.
-    """
+    """Variants x tasks of `measure` (mean +- stderr over seeds), and the average over tasks
+    (`suite_average`)."""
     if measure not in MEASURES:
         raise ValueError(f"Unknown measure {measure!r}; expected one of {sorted(MEASURES)}.")
     runs = [r for r in runs if r.kind == "finetune"]
     variants = _variant_order(runs)
     tasks = tuple(sorted({str(r.task) for r in runs}))
     cells: dict[tuple[str, str], Cell] = {}
-    for v in variants:
-        for t in tasks:
-            values = [r.final(measure) for r in runs if r.variant == v and str(r.task) == t]
-            cell = mean_stderr(values)
-            if cell.n:
-                cells[(v, t)] = cell
     average = {}
     for v in variants:
-        row = [cells[(v, t)] for t in tasks if (v, t) in cells]
-        if not row:
-            continue
-        stderr = _suite_stderr([r for r in runs if r.variant == v], measure, row)
-        average[v] = Cell(float(np.mean([c.mean for c in row])), stderr, sum(c.n for c in row))
+        points = [(r.seed, str(r.task), r.final(measure)) for r in runs if r.variant == v]
+        for t in tasks:
+            cell = mean_stderr(value for _, task, value in points if task == t)
+            if cell.n:
+                cells[(v, t)] = cell
+        if any((v, t) in cells for t in tasks):
+            average[v] = suite_average(points)
     return Table(measure, variants, tasks, cells, average)
 
 
-def _suite_stderr(runs: Sequence[RunRecord], measure: str, row: Sequence[Cell]) -> float:
-    """Standard error of one variant's average over tasks (see `metric_table`)."""
+def suite_average(points: Iterable[tuple[int, str, float | None]]) -> Cell:
+    """The average over tasks of (seed, task, value) points: the mean of the per-task means.
+
+    Its standard error follows the EVA paper's "mean +- standard error over seeds": when every
+    seed ran the same tasks, average over tasks within each seed and take the error across seeds.
+    Otherwise (an unfinished grid) the per-task errors are combined as independent
+    (sqrt(sum se^2) / n_tasks); single-seed tasks add nothing.
+    """
+    by_task: dict[str, list[float]] = {}
     by_seed: dict[int, dict[str, float]] = {}
-    for r in runs:
-        value = r.final(measure)
+    for seed, task, value in points:
         if value is not None and math.isfinite(value):
-            by_seed.setdefault(r.seed, {})[str(r.task)] = value
-    task_sets = {frozenset(values) for values in by_seed.values()}
-    if len(by_seed) >= 2 and len(task_sets) == 1:
-        return mean_stderr(np.mean(list(values.values())) for values in by_seed.values()).stderr
-    errors = [c.stderr for c in row if math.isfinite(c.stderr)]
-    return math.sqrt(sum(e * e for e in errors)) / len(row) if errors else math.nan
+            by_task.setdefault(task, []).append(value)
+            by_seed.setdefault(seed, {})[task] = value
+    if not by_task:
+        return Cell(math.nan, math.nan, 0)
+    row = [mean_stderr(values) for values in by_task.values()]
+    if len(by_seed) >= 2 and len({frozenset(values) for values in by_seed.values()}) == 1:
+        stderr = mean_stderr(np.mean(list(values.values())) for values in by_seed.values()).stderr
+    else:
+        errors = [c.stderr for c in row if math.isfinite(c.stderr)]
+        stderr = math.sqrt(sum(e * e for e in errors)) / len(row) if errors else math.nan
+    return Cell(float(np.mean([c.mean for c in row])), stderr, sum(c.n for c in row))
 
 
 def aggregate_scores(runs: Sequence[RunRecord], measure: str = "success", *, n_bootstrap: int = 2000,
@@ -438,30 +444,20 @@ def _series(run: RunRecord, measure: str) -> list[tuple[int, float]]:
 
 
 def curve(runs: Sequence[RunRecord], measure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, 95% half-width) of one variant's curve, in the tables' terms: at each step the
-    mean over tasks per seed, then mean and 1.96 standard errors over seeds, so that the band shows
-    seed-to-seed spread rather than how far apart the tasks lie. Steps where no seed has every task
-    fall back to mean and stderr over the runs there."""
-    tasks = {r.task for r in runs}
-    by_step: dict[int, dict[int, dict[str, float]]] = {}
-    for r in runs:
-        for step, value in _series(r, measure):
-            if math.isfinite(value):
-                by_step.setdefault(step, {}).setdefault(r.seed, {})[r.task] = value
-    steps = np.array(sorted(by_step), dtype=int)
-    means, halves = [], []
-    for step in steps:
-        seeds = by_step[int(step)]
-        complete = [float(np.mean(list(v.values()))) for v in seeds.values() if set(v) == tasks]
-        cell = mean_stderr(complete if complete else [x for v in seeds.values() for x in v.values()])
-        means.append(cell.mean)
-        halves.append(1.96 * cell.stderr if math.isfinite(cell.stderr) else 0.0)
-    return steps, np.array(means), np.array(halves)
+    """(steps, mean, standard error) of one variant's curve, in the tables' terms: at each step
+    the average over tasks and its standard error over seeds (`suite_average`), so the band shows
+    seed-to-seed spread rather than how far apart the tasks lie."""
+    series = [(r, dict(_series(r, measure))) for r in runs]
+    steps = np.array(sorted({step for _, points in series for step in points}), dtype=int)
+    cells = [suite_average((r.seed, str(r.task), points.get(int(step))) for r, points in series) for step in steps]
+    return (steps, np.array([c.mean for c in cells]),
+            np.array([c.stderr if math.isfinite(c.stderr) else 0.0 for c in cells]))
 
 
 def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | None:
-    """A measure vs fine-tuning steps per variant: mean over tasks, 95% band over seeds (`curve`).
-    Runs evaluated at a single step (success measured only at the end) get bars instead of lines."""
+    """A measure vs fine-tuning steps per variant: mean over tasks, band +- one standard error over
+    seeds (`curve`, the tables' average +- error). Variants all evaluated at one and the same step
+    (success measured only at the end) get bars instead of lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -473,23 +469,24 @@ def plot_curves(runs: Sequence[RunRecord], measure: str, path: Path) -> Path | N
         return None
     title = MEASURES[measure].title.replace("Final training", "Training")  # a curve, not its last value
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if all(steps.size == 1 for steps, _, _ in curves.values()):
+    if len({tuple(steps) for steps, _, _ in curves.values()}) == 1 and next(iter(curves.values()))[0].size == 1:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         names = list(curves)
         for i, v in enumerate(names):
-            _, mean, half = curves[v]
-            ax.bar(i, mean[0], yerr=half[0], color=colors[i % len(colors)], capsize=4, label=v)
+            _, mean, stderr = curves[v]
+            ax.bar(i, mean[0], yerr=stderr[0], color=colors[i % len(colors)], capsize=4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         step = int(next(iter(curves.values()))[0][0])
-        return _save_figure(fig, ax, path, f"method (at step {step})", title,
-                            f"{title} after {step} fine-tuning steps\n(mean over tasks, 95% CI over seeds)")
-    for v, (steps, mean, half) in curves.items():
+        return _save_figure(fig, ax, path, "method", title,
+                            f"{title} after {step} fine-tuning steps\n(mean over tasks ± standard error over seeds)",
+                            legend=False)
+    for v, (steps, mean, stderr) in curves.items():
         line, = ax.plot(steps, mean, label=v, marker="o" if steps.size < 12 else None, markersize=3)
-        ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        ax.fill_between(steps, mean - stderr, mean + stderr, color=line.get_color(), alpha=0.2)
     if measure in ("train_loss", "val_action_error"):
         ax.set_yscale("log")
     return _save_figure(fig, ax, path, "fine-tuning steps", title,
-                        f"{title} vs fine-tuning steps\n(mean over tasks, 95% band over seeds)")
+                        f"{title} vs fine-tuning steps\n(mean over tasks ± standard error over seeds)")
 
 
 def read_eva_ranks(run_dir: Path) -> dict[str, int] | None:
@@ -569,14 +566,16 @@ def plot_params_vs_success(runs: Sequence[RunRecord], path: Path) -> Path | None
                         "Trainable parameters vs success\n(mean ± stderr over runs)")
 
 
-def _save_figure(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+def _save_figure(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, *,
+                 legend: bool = True) -> Path:
     """Label, legend and grid `ax`, write `fig` to `path` as PNG, and free it."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

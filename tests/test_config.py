@@ -159,3 +159,4 @@ def test_a_writer_that_fails_midway_leaves_the_old_file(tmp_path):
     with config_module.atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == [target.name]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~config_module._UMASK  # not mkstemp's owner-only 0600

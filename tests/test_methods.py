@@ -198,6 +198,9 @@ def test_adalora_options_reach_peft_and_scale_the_penalty() -> None:
         adapted("adalora", rank=2, adalora=methods.AdaLoraOptions(init_rank=2))
     with pytest.raises(ValueError, match="leave some steps for pruning"):
         methods.AdaLoraOptions(warmup_fraction=0.5, final_fraction=0.5)
+    with pytest.raises(ValueError, match="no steps left to prune in: 10 steps"):
+        methods.AdaLoraOptions(warmup_fraction=0.9, final_fraction=0.05).schedule(10)
+    assert methods.AdaLoraOptions(warmup_fraction=0.7).schedule(90) == (63, 18)  # rounded, not truncated
 
 
 def test_hook_state_round_trips() -> None:

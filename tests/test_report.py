@@ -192,7 +192,9 @@ def test_a_report_of_a_subset_of_the_runs(runs_dir: Path) -> None:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"lora", "eva"} and "task-b" not in rows["lora"]
     assert float(rows["lora"]["task-a"]) == pytest.approx(0.6)
-    assert len(load_runs(runs_dir)) == len(FINALS)  # neither report folder adds rows
+    assert len(load_runs(runs_dir)) == len(FINALS)
+    write_run(runs_dir / "report-lite", "lora", "task-c", 0, 0.0, 9.0, 9.0)  # a report folder is never runs
+    assert len(load_runs(runs_dir)) == len(FINALS)
 
 
 def test_an_experiment_reports_its_own_runs_into_its_report_dir(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -226,22 +228,36 @@ def test_curve_bands_are_over_seeds_of_the_task_average(tmp_path: Path) -> None:
     for seed, shift in ((0, 0.0), (1, 0.02)):
         write_run(tmp_path, "lora", "easy", seed, 0.9 + shift, 0.1, 0.1)
         write_run(tmp_path, "lora", "hard", seed, 0.1 + shift, 0.1, 0.1)
-    write_run(tmp_path, "lora", "easy", 2, 0.5, 0.1, 0.1)  # seed 2 lacks "hard": left out where complete seeds exist
-    steps, mean, half = report.curve(load_runs(tmp_path), "success")
+    steps, mean, stderr = report.curve(load_runs(tmp_path), "success")
     assert list(steps) == [0, 50, 100]
-    assert mean[-1] == pytest.approx(0.51)  # seeds' task averages 0.50 and 0.52
-    assert half[-1] == pytest.approx(1.96 * 0.01)  # stderr of (0.50, 0.52)
-    assert mean[0] == 0.0 and half[0] == 0.0
+    assert mean[-1] == pytest.approx(0.51) and stderr[-1] == pytest.approx(0.01)  # seeds' averages 0.50, 0.52
+    assert mean[0] == 0.0 and stderr[0] == 0.0
+    write_run(tmp_path, "lora", "easy", 2, 0.5, 0.1, 0.1)  # an unfinished grid: seed 2 lacks "hard"
+    runs = load_runs(tmp_path)
+    steps, mean, stderr = report.curve(runs, "success")
+    average = metric_table(runs, "success").average["lora"]
+    assert (mean[-1], stderr[-1]) == pytest.approx((average.mean, average.stderr))  # the table's last column
 
 
-def test_success_measured_once_is_drawn_as_bars(tmp_path: Path) -> None:
+def test_success_measured_once_is_drawn_as_bars(tmp_path: Path, monkeypatch) -> None:
     for method in ("lora", "eva"):
         run = write_run(tmp_path, method, "task-a", 0, 0.5, 0.1, 0.1)
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["eval"] = metrics["eval"][-1:]  # evaluated only at the end
         (run / "metrics.json").write_text(json.dumps(metrics))
+    drawn = {}
+    real_save = report._save_figure
+
+    def save(fig, ax, path, *args, **kwargs):
+        drawn["bars"], drawn["lines"] = len(ax.patches), len(ax.lines)
+        return real_save(fig, ax, path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "_save_figure", save)
     path = report.plot_curves(load_runs(tmp_path), "success", tmp_path / "success.png")
     assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert drawn["bars"] == 2
+    report.plot_curves(load_runs(tmp_path), "train_loss", tmp_path / "loss.png")  # three steps: lines
+    assert drawn["bars"] == 0 and drawn["lines"] == 2
 
 
 def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:

@@ -70,6 +70,17 @@ class AdaLoraOptions:
             raise ValueError(f"adalora.warmup_fraction ({self.warmup_fraction}) and final_fraction "
                              f"({self.final_fraction}) must be >= 0 and leave some steps for pruning (sum < 1).")
 
+    def schedule(self, total_steps: int) -> tuple[int, int]:
+        """(tinit, tfinal) for PEFT: steps before pruning and steps with the allocation fixed; an
+        error naming these settings unless some steps are left to prune in."""
+        total = max(total_steps, 3)
+        tinit, tfinal = round(total * self.warmup_fraction), max(1, round(total * self.final_fraction))
+        if tinit >= total - tfinal:
+            raise ValueError(f"AdaLoRA has no steps left to prune in: {total_steps} steps with "
+                             f"adalora.warmup_fraction {self.warmup_fraction} ({tinit} steps) and final_fraction "
+                             f"{self.final_fraction} ({tfinal}). Lower the fractions or raise train.steps.")
+        return tinit, tfinal
+
     def initial_rank(self, rank: int) -> int:
         """The starting rank for a target average `rank`; an error unless there is something to prune."""
         init_r = self.init_rank or math.ceil(1.5 * rank)
@@ -186,11 +197,11 @@ def _adalora_config(options: MethodOptions) -> AdaLoraConfig:
     ada = options.adalora
     init_r = ada.initial_rank(options.rank)
     total = max(options.total_steps, 3)
+    tinit, tfinal = ada.schedule(total)
     return AdaLoraConfig(
         init_r=init_r, target_r=options.rank, orth_reg_weight=ada.orth_reg_weight,
         lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=list(options.target_modules),
-        fan_in_fan_out=True, total_step=total, tinit=int(total * ada.warmup_fraction),
-        tfinal=max(1, int(total * ada.final_fraction)), deltaT=1,
+        fan_in_fan_out=True, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=1,
         modules_to_save=list(options.modules_to_save) or None,
     )
 
