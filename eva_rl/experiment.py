@@ -174,7 +174,9 @@ def config_path(name: str | os.PathLike, relative_to: str | os.PathLike | None =
         if relative_to is not None:
             candidates.append(Path(relative_to).parent / path)
         package = Path(__file__).resolve().parent
-        candidates += [package / "_configs" / path, package.parent / "configs" / path]
+        # "configs/x.yaml" as the README writes it also finds the packaged x.yaml from any directory
+        shipped = Path(*path.parts[1:]) if len(path.parts) > 1 and path.parts[0] == "configs" else path
+        candidates += [package / "_configs" / shipped, package.parent / "configs" / shipped]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -74,6 +74,12 @@ def test_experiment_yaml_loads_and_rejects_bad_keys(tmp_path: Path) -> None:
         config_path("no-such-config.yaml")
 
 
+def test_readme_config_paths_work_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the packaged ones are found
+    assert config_path("configs/cw10-cpu.yaml").read_text() == config_path("cw10-cpu.yaml").read_text()
+    assert config_path("configs/cw10-cpu.yaml").name == "cw10-cpu.yaml"
+
+
 def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) -> None:
     from eva_rl.envs import resolve_tasks
     from eva_rl.experiment import finetune_jobs, pretrain_job
