@@ -13,8 +13,8 @@ import difflib
 import os
 import shutil
 import tempfile
-import uuid
 import typing
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -171,6 +171,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary directory next to `path` to write a whole directory into (a checkpoint, an
+    adapter); swapped in for `path` by `replace_dir` when the block ends without error, removed
+    otherwise, so a crash never leaves half a directory at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

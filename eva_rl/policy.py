@@ -23,8 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.pytorch_utils import Conv1D
 
 import eva_rl
-from eva_rl.config import replace_dir
+from eva_rl.config import atomic_dir
 
 METADATA_FILE = "eva_rl.json"
 _FORMAT_VERSION = 1  # of eva_rl.json; bump when its layout changes
@@ -669,9 +667,7 @@ class DecisionTransformerPolicy(nn.Module):
                 f"{str(target)!r} is a non-empty directory that holds no checkpoint; refusing to replace it. "
                 f"Choose a new or empty directory."
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with atomic_dir(target) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             payload = {
                 "format": _FORMAT_VERSION,
@@ -683,10 +679,6 @@ class DecisionTransformerPolicy(nn.Module):
                 json.dump(payload, handle, indent=2)
                 handle.flush()
                 os.fsync(handle.fileno())
-            replace_dir(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     @classmethod

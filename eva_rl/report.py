@@ -615,6 +615,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
     has a metrics.json yet.
     """
     root = Path(runs_dir)
+    run_dirs = None if run_dirs is None else list(run_dirs)  # read twice: runs, then failed runs
     runs = load_runs(root, run_dirs=run_dirs)
     if not runs:
         raise FileNotFoundError(

@@ -160,3 +160,14 @@ def test_a_writer_that_fails_midway_leaves_the_old_file(tmp_path):
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == [target.name]
     assert target.stat().st_mode & 0o777 == 0o666 & ~config_module._UMASK  # not mkstemp's owner-only 0600
+
+
+def test_a_directory_writer_that_fails_midway_leaves_the_old_directory(tmp_path):
+    target = tmp_path / "adapter"
+    with config_module.atomic_dir(target) as tmp:
+        (tmp / "weights.bin").write_text("good")
+    with pytest.raises(RuntimeError, match="killed"):
+        with config_module.atomic_dir(target) as tmp:
+            (tmp / "weights.bin").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert (target / "weights.bin").read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["adapter"]

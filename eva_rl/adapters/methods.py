@@ -23,8 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 import peft
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
-from eva_rl.config import replace_dir
+from eva_rl.config import atomic_dir
 
 # Every attention and MLP matrix of a GPT-2 block; suffixes of module names, as PEFT matches them.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -495,11 +493,6 @@ def adalora_ranks(policy_or_model: nn.Module) -> dict[str, int]:
 
 # --- saving -----------------------------------------------------------------------------------------
 
-def _atomic_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-
-
 def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
 
@@ -511,8 +504,7 @@ def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, ex
     model = _model_of(policy_or_model)
     info = adapter_info(model)
     target = Path(directory)
-    tmp = _atomic_dir(target)
-    try:
+    with atomic_dir(target) as tmp:
         if not isinstance(model, PeftModel):
             saver = policy_or_model if hasattr(policy_or_model, "save_pretrained") else model
             saver.save_pretrained(tmp / "model")
@@ -522,10 +514,6 @@ def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, ex
             _save_as_plain_lora(model, info, tmp)
         meta = {"method": info.method, **info.to_json(), **dict(extra or {})}
         (tmp / ADAPTER_METADATA_FILE).write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
