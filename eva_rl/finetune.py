@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import atomic_path, config_to_dict, load_config, save_config
 from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, _check_resume_config,
-                          check_run_dir, train)
+                          check_run_dir, is_main_process, train)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
         max_batches=config.eva.max_batches, backend=config.eva.backend)
     # a matrix cut off at the batch cap gets a less settled A: say so where a user looks
     (log.warning if report.not_converged else log.info)(report.summary())
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         with atomic_path(saved) as tmp:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"eva_inputs": inputs})
         report.save(out_dir)
@@ -283,7 +282,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     info = methods.adapter_info(policy)
     log.info("%s: %d trainable of %d parameters (%.2f%%).", config.method, info.trainable_params,
              info.total_params, 100.0 * info.trainable_params / info.total_params)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         save_config(config, out_dir / "config.yaml")
 
     def save(trained: nn.Module) -> None:

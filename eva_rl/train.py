@@ -310,6 +310,12 @@ class _Dist:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """True outside torchrun and on its rank 0: the process that writes configs and files
+    before the training loop's own process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _init_distributed(device_type: str) -> _Dist:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA), or run as one process."""
     if dist.is_available() and dist.is_initialized():
@@ -891,7 +897,7 @@ def pretrain(config: TrainConfig) -> TrainResult:
     check_run_dir(config)  # a refused run must not overwrite the config.yaml of the run in out_dir
     dataset = load_dataset(config)
     policy = build_policy(config, dataset)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         save_config(config, out_dir / "config.yaml")
     return train(config, policy=policy, dataset=dataset, run_info=RunInfo(kind="pretrain"),
                  on_end=lambda trained: trained.save_pretrained(out_dir / "model"))
