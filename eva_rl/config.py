@@ -7,20 +7,18 @@ and saving a resolved config back to YAML that reloads to the same object.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import os
-import shutil
-import tempfile
 import typing
-import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from eva_rl.storage import write_text_atomic
 
 T = TypeVar("T")
 
@@ -145,70 +143,3 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write `config` as YAML atomically, so that `load_config(type(config), path)` rebuilds it."""
     text = OmegaConf.to_yaml(OmegaConf.structured(config))
     write_text_atomic(Path(path), text)
-
-
-_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file name next to `path`, for writers that take a name (safetensors, imageio).
-
-    When the block ends without error the file is fsynced and renamed to `path`; otherwise it is
-    removed. Either way a crash never leaves half a file at `path`. The temporary name keeps
-    `path`'s suffix, so writers that pick a format by extension still do.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; give it an ordinary file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary directory next to `path` to write a whole directory into (a checkpoint, an
-    adapter); swapped in for `path` by `replace_dir` when the block ends without error, removed
-    otherwise, so a crash never leaves half a directory at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so a crash never leaves half of it."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def replace_dir(new: Path, final: Path) -> None:
-    """Rename the finished directory `new` to `final`; an old `final` is set aside and restored on failure.
-
-    A directory cannot be swapped atomically; this keeps the window without a directory at `final`
-    to two renames, and never loses the old one.
-    """
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

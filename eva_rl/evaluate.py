@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from eva_rl.config import atomic_path, write_text_atomic
+from eva_rl.storage import atomic_path, write_text_atomic
 from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
 

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from eva_rl.config import config_to_dict, load_config, write_text_atomic
+from eva_rl.config import config_to_dict, load_config
+from eva_rl.storage import write_text_atomic
 
 RunFn = Callable[[Path, dict], "dict | None"]
 BACKENDS = ("local", "ray")

@@ -34,7 +34,8 @@ from torch import nn
 
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
-from eva_rl.config import atomic_path, config_to_dict, load_config, save_config
+from eva_rl.config import config_to_dict, load_config, save_config
+from eva_rl.storage import atomic_path
 from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, _check_resume_config,
                           check_run_dir, is_main_process, train)
 

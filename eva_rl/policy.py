@@ -36,7 +36,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.pytorch_utils import Conv1D
 
 import eva_rl
-from eva_rl.config import atomic_dir
+from eva_rl.storage import atomic_dir
 
 METADATA_FILE = "eva_rl.json"
 _FORMAT_VERSION = 1  # of eva_rl.json; bump when its layout changes

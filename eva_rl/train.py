@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eva_rl.config import config_to_dict, save_config, write_text_atomic
+from eva_rl.config import config_to_dict, save_config
+from eva_rl.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ class EvaReport:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write eva_report.json and eva_ranks.png (rank per layer) into `directory`."""
-        from eva_rl.config import write_text_atomic
+        from eva_rl.storage import write_text_atomic
 
         directory = Path(directory)
         write_text_atomic(directory / "eva_report.json", json.dumps(self.to_json(), indent=2))

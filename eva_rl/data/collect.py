@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from eva_rl.config import replace_dir
+from eva_rl.storage import replace_dir
 from eva_rl.envs import expert_policy, make_env, task_spec
 
 NAMESPACE = "eva-rl"
