@@ -6,46 +6,31 @@ swept config key. Each stage whose outputs exist is not redone. Layout of `out_d
 
     datasets/                       Minari datasets (unless collect.datasets_dir says elsewhere)
     pretrain/                       the pretraining run (train.py's layout; model/ is the checkpoint)
-    runs/<task>/<method>-r<rank>-s<seed>[-<key>=<value>...]/
-        run.json                    grid point, the resolved config, status, pid, times
+    runs/<task>/<method>-r<rank>-s<seed>[-<key>-<value>...]/
+        run.json, log.txt, done, error.txt          (written by the job runner, eva_rl/jobs.py)
         config.yaml, tb/, checkpoints/, metrics.json   (written by the training loop)
-        log.txt                     the run's stdout and stderr
-        done                        written atomically after metrics.json: the run is finished
-        error.txt                   the traceback of a failed attempt
 
-Re-running the same command skips runs with a `done` marker and resumes the others from their
-latest checkpoint. A run directory made by a different config is never overwritten silently:
+Re-running the same command skips finished runs and resumes the others from their latest
+checkpoint. A run directory made by a different config is never overwritten silently:
 planning stops with an error unless `overwrite=True`, which moves the old run to `_replaced/`.
 A failed run is recorded (status failed, error.txt) and the others go on.
 
-Executors run `run_fn(run_dir, config) -> metrics dict | None` for each job: the pipeline's
-stage functions below, or any picklable function (tests pass tiny ones). Backends:
-`local` (one spawned process per run, at most `workers` at a time) and `ray` (one Ray task per
-run with its CPU/GPU needs, on a local instance or the cluster at `address`).
+The stages below make jobs (`jobs.Job`) whose run functions are the pipeline's stage
+functions; `jobs.run_jobs` runs them locally (one process per run) or on Ray.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
-import shutil
-import signal
-import socket
-import sys
-import threading
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 from eva_rl.config import config_to_dict, load_config
+from eva_rl.jobs import Job, JobResult, default_workers, is_done, run_jobs  # noqa: F401 - is_done re-exported
 from eva_rl.storage import write_text_atomic
-
-RunFn = Callable[[Path, dict], "dict | None"]
-BACKENDS = ("local", "ray")
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -193,26 +178,6 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] = (
 
 # --- grid ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Job:
-    """One run: a directory, the config its run function receives, and its resource needs."""
-
-    name: str                  # run directory relative to the experiment's out_dir
-    run_dir: Path
-    config: dict[str, Any]     # handed to run_fn; JSON-serialisable
-    point: dict[str, Any] = field(default_factory=dict)   # grid labels (task, method, rank, seed, swept keys)
-    cpus: int = 1
-    gpus: float = 0.0
-
-
-@dataclass(frozen=True)
-class JobResult:
-    name: str
-    status: str                # "done" | "skipped" (finished before) | "failed" | "busy" (another process runs it)
-    seconds: float
-    error: str | None = None
-
-
 def expand_grid(stage: FinetuneStage, tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Grid points in a stable order: task, method, rank, seed, then swept keys.
 
@@ -295,341 +260,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-# --- running one job (inside a worker) ----------------------------------------------------------
-
-DONE = "done"
-RUN_JSON = "run.json"
-
-
-def is_done(run_dir: Path) -> bool:
-    """A run is finished when its `done` marker exists (written after metrics.json)."""
-    return (run_dir / DONE).is_file() and (run_dir / "metrics.json").is_file()
-
-
-def _read_run_json(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / RUN_JSON).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_run_json(run_dir: Path, **fields: Any) -> None:
-    data = _read_run_json(run_dir)
-    data.update(fields)
-    write_text_atomic(run_dir / RUN_JSON, json.dumps(data, indent=2, default=str))
-
-
-def set_threads(threads: int) -> None:
-    """Limit BLAS/OpenMP and torch to `threads` in this process (before torch does its work)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    # Spinning OpenMP threads on a busy machine wait a whole time slice at every barrier: measured
-    # here, 2 spinning threads ran a small DT 15x slower than 1 thread under load; passive waits fix most of it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-
-
-def execute_job(run_fn: RunFn, job: Job, threads: int | None = None) -> JobResult:
-    """Run one job in this process: log to log.txt, record status, write `done` or error.txt.
-
-    Never raises for the run's own errors: a failure is returned (and written) so a grid goes on.
-    """
-    start = time.time()
-    run_dir = job.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if threads:
-        set_threads(threads)
-    attempts = int(_read_run_json(run_dir).get("attempts", 0)) + 1
-    _write_run_json(run_dir, name=job.name, point=job.point, config=job.config, status="running",
-                    pid=os.getpid(), host=socket.gethostname(), started=start, attempts=attempts)
-    (run_dir / "error.txt").unlink(missing_ok=True)
-    error = None
-    with _redirect_output(run_dir / "log.txt"):
-        # the training loop reports through `logging`; without a handler its lines would vanish
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        try:
-            metrics = run_fn(run_dir, job.config)
-            metrics_path = run_dir / "metrics.json"
-            if metrics is not None and not metrics_path.is_file():
-                write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
-            if not metrics_path.is_file():
-                raise RuntimeError(f"The run function finished without writing {metrics_path}.")
-        except BaseException:  # noqa: BLE001 - a run's failure of any kind is recorded, not raised
-            error = traceback.format_exc()
-            traceback.print_exc()
-    seconds = time.time() - start
-    if error is not None:
-        write_text_atomic(run_dir / "error.txt", error)
-        _write_run_json(run_dir, status="failed", finished=time.time(), seconds=seconds,
-                        error=error.strip().splitlines()[-1])
-        return JobResult(job.name, "failed", seconds, error)
-    write_text_atomic(run_dir / DONE, json.dumps({"finished": time.time(), "seconds": seconds}))
-    _write_run_json(run_dir, status="done", finished=time.time(), seconds=seconds)
-    return JobResult(job.name, "done", seconds)
-
-
-class _redirect_output:
-    """Send this process's stdout/stderr (file descriptors too: C code, tqdm) to a log file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        sys.stdout.flush(), sys.stderr.flush()
-        self.log = open(self.path, "a", buffering=1)
-        self.saved = (os.dup(1), os.dup(2))
-        os.dup2(self.log.fileno(), 1)
-        os.dup2(self.log.fileno(), 2)
-
-    def __exit__(self, *exc: Any) -> None:
-        sys.stdout.flush(), sys.stderr.flush()
-        os.dup2(self.saved[0], 1)
-        os.dup2(self.saved[1], 2)
-        os.close(self.saved[0]), os.close(self.saved[1])
-        self.log.close()
-
-
-def _child_main(run_fn: RunFn, job: Job, threads: int) -> None:
-    set_threads(threads)  # before the run function imports torch
-    result = execute_job(run_fn, job, threads)
-    sys.exit(0 if result.status == "done" else 1)
-
-
-# --- planning and executors ---------------------------------------------------------------------
-
-def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job], list[JobResult]]:
-    """Split jobs into those to run and those already finished; protect runs of another config.
-
-    A run directory whose run.json holds a different config than the job is an error (results are
-    never overwritten silently), unless overwrite=True: the old directory then moves to
-    `<parent of runs>/_replaced/<name>-<time>`.
-    """
-    todo, skipped, conflicts = [], [], []
-    for job in jobs:
-        recorded = _read_run_json(job.run_dir)
-        if recorded and recorded.get("config") is not None and recorded["config"] != _jsonable(job.config):
-            if not overwrite:
-                conflicts.append(job)
-                continue
-            replaced = job.run_dir.parent / "_replaced" / f"{job.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            replaced.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(job.run_dir), replaced)
-        elif is_done(job.run_dir):
-            skipped.append(JobResult(job.name, "skipped", 0.0))
-            continue
-        elif _running_elsewhere(recorded):
-            # another experiment process is running this very run: two writers would corrupt it
-            skipped.append(JobResult(job.name, "busy", 0.0, f"running in process {recorded['pid']}"))
-            continue
-        todo.append(job)
-    if conflicts:
-        names = ", ".join(str(j.run_dir) for j in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
-        raise FileExistsError(
-            f"{len(conflicts)} run directories hold results of a different config: {names}. "
-            f"Use another out_dir, or pass --overwrite to move them to _replaced/ and run again.")
-    return todo, skipped
-
-
-def _running_elsewhere(recorded: dict[str, Any]) -> bool:
-    """True when run.json says running and its (python) process on this host is alive."""
-    if recorded.get("status") != "running" or recorded.get("host") != socket.gethostname():
-        return False
-    try:
-        pid = int(recorded["pid"])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path("/proc").is_dir() else b"python"
-        os.kill(pid, 0)
-    except (KeyError, TypeError, ValueError, OSError):
-        return False
-    return pid != os.getpid() and b"python" in cmdline
-
-
-def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(config, default=str))
-
-
-def default_workers(cpus_per_run: int = 1) -> int:
-    """Runs at once on this machine: its cores (as this process may use them) // cpus_per_run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, cpus_per_run))
-
-
-class Progress:
-    """One status line: done / running / failed of a total, and an ETA from finished runs' times."""
-
-    def __init__(self, label: str, total: int, workers: int, skipped: int = 0, enabled: bool = True) -> None:
-        self.label, self.total, self.workers, self.enabled = label, total, max(1, workers), enabled
-        self.done, self.failed, self.running, self.skipped = skipped, 0, 0, skipped
-        self.durations: list[float] = []
-        self.last = ""
-        self.started = time.time()
-
-    def update(self, running: int, finished: Iterable[JobResult] = ()) -> None:
-        for result in finished:
-            if result.status == "failed":
-                self.failed += 1
-            else:
-                self.done += 1
-                self.durations.append(result.seconds)
-        self.running = running
-        self.show()
-
-    def eta_seconds(self) -> float | None:
-        left = self.total - self.done - self.failed
-        if left == 0:
-            return 0.0
-        if not self.durations:
-            return None
-        mean = sum(self.durations) / len(self.durations)
-        return max(0.0, (left - self.running / 2) * mean / self.workers)
-
-    def text(self) -> str:
-        eta = self.eta_seconds()
-        eta_text = "?" if eta is None else _duration(eta)
-        skipped = f" ({self.skipped} already done)" if self.skipped else ""
-        return (f"[{self.label}] {self.done}/{self.total} done{skipped}, {self.running} running, "
-                f"{self.failed} failed, elapsed {_duration(time.time() - self.started)}, ETA {eta_text}")
-
-    def show(self, force: bool = False) -> None:
-        text = self.text()
-        if self.enabled and (force or text.split(", elapsed")[0] != self.last.split(", elapsed")[0]):
-            print(text, file=sys.stderr, flush=True)
-        self.last = text
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def run_jobs(jobs: Sequence[Job], run_fn: RunFn, *, backend: str = "local", workers: int | None = None,
-             address: str | None = None, overwrite: bool = False, progress: bool = True,
-             label: str = "runs", poll_seconds: float = 0.2) -> list[JobResult]:
-    """Run every unfinished job with `run_fn(run_dir, config)`; returns one result per job.
-
-    local: one spawned process per run (a fresh interpreter: no torch/MuJoCo state is forked),
-    at most `workers` at once (default: cores // the jobs' cpus), each limited to the job's cpus
-    in threads. A process pool (concurrent.futures) is not used because one killed worker breaks
-    every pending run of such a pool; here it fails only its own run.
-    ray: one Ray task per run with num_cpus/num_gpus from the job, on the running Ray instance,
-    the cluster at `address`, or a new local one.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    todo, results = plan_jobs(jobs, overwrite=overwrite)
-    cpus = max((j.cpus for j in todo), default=1)
-    workers = workers or default_workers(cpus)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}.")
-    busy = [r for r in results if r.status == "busy"]
-    for r in busy:
-        print(f"[{label}] {r.name} is {r.error}; left alone", file=sys.stderr)
-    bar = Progress(label, len(jobs) - len(busy), workers, skipped=len(results) - len(busy), enabled=progress)
-    bar.show(force=True)
-    if todo:
-        if backend == "local":
-            results += _run_local(todo, run_fn, workers, bar, poll_seconds)
-        else:
-            results += _run_ray(todo, run_fn, address, bar, poll_seconds)
-    bar.show()
-    order = {j.name: i for i, j in enumerate(jobs)}
-    return sorted(results, key=lambda r: order.get(r.name, len(order)))
-
-
-def _run_local(jobs: Sequence[Job], run_fn: RunFn, workers: int, bar: Progress, poll: float) -> list[JobResult]:
-    import multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    pending = list(jobs)
-    running: dict[str, tuple[Any, Job]] = {}
-    results: list[JobResult] = []
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (a batch system's stop) must reach our runs too: turn it into an exception so
-        # `finally` stops the children instead of leaving them orphaned.
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus), daemon=True,
-                                          name=f"eva-rl:{job.name}")
-                process.start()
-                running[job.name] = (process, job)
-            finished = []
-            for name, (process, job) in list(running.items()):
-                if process.is_alive():
-                    continue
-                process.join()
-                del running[name]
-                finished.append(_local_result(job, process.exitcode))
-            results += finished
-            bar.update(len(running), finished)
-            if running:
-                time.sleep(poll)
-    finally:
-        for process, _ in running.values():  # interrupted (Ctrl-C, SIGTERM): stop our own children
-            process.terminate()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return results
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _local_result(job: Job, exitcode: int | None) -> JobResult:
-    recorded = _read_run_json(job.run_dir)
-    seconds = float(recorded.get("seconds") or (time.time() - float(recorded.get("started", time.time()))))
-    if exitcode == 0 and is_done(job.run_dir):
-        return JobResult(job.name, "done", seconds)
-    if recorded.get("status") == "failed":
-        error = (job.run_dir / "error.txt").read_text() if (job.run_dir / "error.txt").is_file() else "failed"
-        return JobResult(job.name, "failed", seconds, error)
-    # The worker died without recording why (killed, out of memory): record it for it.
-    how = f"killed by signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
-    error = (f"The worker process running {job.name} died ({how}) before the run finished. "
-             f"Run the experiment again to resume it from its latest checkpoint.\n")
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(job.run_dir / "error.txt", error)
-    _write_run_json(job.run_dir, status="failed", finished=time.time(), seconds=seconds, error=error.strip())
-    return JobResult(job.name, "failed", seconds, error)
-
-
-def _run_ray(jobs: Sequence[Job], run_fn: RunFn, address: str | None, bar: Progress, poll: float) -> list[JobResult]:
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("The ray backend needs Ray: pip install 'eva-rl[ray]' (or 'ray[default]').") from None
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
-    remote = ray.remote(max_retries=0)(execute_job)
-    refs = {}
-    for job in jobs:
-        ref = remote.options(num_cpus=job.cpus, num_gpus=job.gpus).remote(run_fn, job, job.cpus)
-        refs[ref] = job
-    results: list[JobResult] = []
-    # Ray queues what does not fit; count as running only what the cluster's CPUs can hold at once.
-    capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // max(1, max(j.cpus for j in jobs))))
-    bar.update(min(len(refs), capacity))
-    while refs:
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(poll, 1.0))
-        finished = []
-        for ref in ready:
-            job = refs.pop(ref)
-            try:
-                finished.append(ray.get(ref))
-            except Exception as exc:  # the worker died (ray.exceptions.WorkerCrashedError and kin)
-                error = f"The Ray task running {job.name} failed outside the run: {exc}\n"
-                write_text_atomic(job.run_dir / "error.txt", error)
-                _write_run_json(job.run_dir, status="failed", finished=time.time(), error=error.strip())
-                finished.append(JobResult(job.name, "failed", 0.0, error))
-        results += finished
-        bar.update(min(len(refs), capacity), finished)
-    return results
 
 
 # --- the pipeline's stages -----------------------------------------------------------------------
