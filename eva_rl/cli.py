@@ -231,6 +231,9 @@ def _run_experiment_and_report(config_name: str, overrides: list[str], args: arg
         raise SystemExit(1) from None
     for failed in result.failed:
         print(f"FAILED {failed.name}: {(failed.error or '').strip().splitlines()[-1:]}", file=sys.stderr)
+    for busy in (r for r in result.missing if r.status == "busy"):
+        print(f"MISSING {busy.name}: {busy.error} (another command); run this one again when it has finished",
+              file=sys.stderr)
     made = None
     if report and any(r.status != "failed" for r in result.runs):
         # this config's runs only: another config may share the out_dir (cw10-cpu-lite in cw10-cpu's)
@@ -246,7 +249,7 @@ def _experiment(args: argparse.Namespace) -> int:
         print(report.markdown)
         print(f"Report: {report.out_dir / 'report.md'}")
     print(f"Runs: {result.out_dir / 'runs'}  (tensorboard --logdir {result.out_dir})")
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.missing else 0
 
 
 def _quickstart_args(parser: argparse.ArgumentParser) -> None:
@@ -270,7 +273,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         print(f"Plots: {', '.join(str(p) for p in report.files if p.suffix == '.png')}")
     print(f"Tensorboard: tensorboard --logdir {result.out_dir}")
     print(f"Quickstart took {time.perf_counter() - start:.0f} s.")
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.missing else 0
 
 
 

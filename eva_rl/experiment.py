@@ -280,6 +280,11 @@ class ExperimentResult:
         return [r for r in self.runs if r.status == "failed"] + (
             [self.pretrain] if self.pretrain is not None and self.pretrain.status == "failed" else [])
 
+    @property
+    def missing(self) -> list[JobResult]:
+        """Grid points without a result: failed, or still run by another command ("busy")."""
+        return [r for r in self.runs if r.status not in ("done", "skipped")]
+
 
 def dataset_paths(config: ExperimentConfig, tasks: Sequence[str], which: str) -> list[Path]:
     """The dataset directories of `tasks` for the pretrain or finetune stage (one per noise level)."""

@@ -92,9 +92,11 @@ def set_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def execute_job(run_fn: RunFn, job: Job, threads: int | None = None) -> JobResult:
+def execute_job(run_fn: RunFn, job: Job, threads: int | None = None, owner: int | None = None) -> JobResult:
     """Run one job in this process: log to log.txt, record status, write `done` or error.txt.
 
+    owner: the pid of the command this run belongs to (default: this process); run.json records
+    it so that a later command can tell a live run from one whose command was killed.
     Never raises for the run's own errors: a failure is returned (and written) so a grid goes on.
     """
     start = time.time()
@@ -103,8 +105,12 @@ def execute_job(run_fn: RunFn, job: Job, threads: int | None = None) -> JobResul
     if threads:
         set_threads(threads)
     attempts = int(_read_run_json(run_dir).get("attempts", 0)) + 1
+    owner = owner or os.getpid()
+    # a pid alone may be reused by an unrelated process later: its start time tells them apart
     _write_run_json(run_dir, name=job.name, point=job.point, config=job.config, status="running",
-                    pid=os.getpid(), host=socket.gethostname(), started=start, attempts=attempts)
+                    pid=os.getpid(), pid_started=process_start(os.getpid()), owner=owner,
+                    owner_started=process_start(owner), host=socket.gethostname(), started=start,
+                    attempts=attempts)
     (run_dir / "error.txt").unlink(missing_ok=True)
     error = None
     with _redirect_output(run_dir / "log.txt"):
@@ -152,10 +158,84 @@ class _redirect_output:
         self.log.close()
 
 
-def _child_main(run_fn: RunFn, job: Job, threads: int) -> None:
+def _child_main(run_fn: RunFn, job: Job, threads: int, parent: int) -> None:
+    die_with_parent(parent)
     set_threads(threads)  # before the run function imports torch
-    result = execute_job(run_fn, job, threads)
+    result = execute_job(run_fn, job, threads, owner=parent)
     sys.exit(0 if result.status == "done" else 1)
+
+
+# --- no orphans -----------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """End this process when its parent process ends (call it first thing in a child process).
+
+    A killed command (kill -9, out of memory) cannot stop its children itself; without this they
+    would go on writing results nobody collects, while a re-run starts the same runs beside them.
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG; strictly, when
+    the parent's thread that started this process ends, so start children from a thread that
+    outlives them). Elsewhere a daemon thread polls the parent's pid once a second.
+    parent: the pid this process was started by (default: the current parent). Passing the pid
+    the parent had when it started us closes the race of a parent that died before this call.
+    Usable as a `multiprocessing.Pool(initializer=die_with_parent)`.
+    """
+    parent = os.getppid() if parent is None else parent
+    if not _set_parent_death_signal(signal.SIGKILL):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="eva-rl-parent-watch").start()
+    if os.getppid() != parent:  # the parent died before the signal was set up: nothing will send it
+        os._exit(1)
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc prctl (unusual builds): the watching thread does it
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux clock ticks since boot, from /proc), None when unknown.
+
+    Together with the pid this names one process: a pid reused by a later process has another
+    start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: fields after its last ")"
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]  # state, ..., starttime (field 22)
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """True when `pid` runs (not a zombie) and, if `started` is given, is the process that started then."""
+    if pid <= 0:
+        return False
+    if Path("/proc").is_dir():
+        now = process_start(pid)
+        return now is not None and (started is None or now == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (PermissionError)
+        pass
+    return True
 
 
 # --- planning and executors ---------------------------------------------------------------------
@@ -193,17 +273,35 @@ def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job
     return todo, skipped
 
 
-def _running_elsewhere(recorded: dict[str, Any]) -> bool:
-    """True when run.json says running and its (python) process on this host is alive."""
+def _running_elsewhere(recorded: dict[str, Any], wait_seconds: float = 5.0) -> bool:
+    """True when run.json says running and the process that claimed the run still runs it.
+
+    A run whose command was killed is not running: its process died with its parent, or its pid
+    now names another process (another start time). A run process still alive whose owner is
+    gone is dying (die_with_parent): wait a few seconds for it rather than start a second writer.
+    """
     if recorded.get("status") != "running" or recorded.get("host") != socket.gethostname():
         return False
     try:
         pid = int(recorded["pid"])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path("/proc").is_dir() else b"python"
-        os.kill(pid, 0)
-    except (KeyError, TypeError, ValueError, OSError):
+    except (KeyError, TypeError, ValueError):
         return False
-    return pid != os.getpid() and b"python" in cmdline
+    if pid == os.getpid():
+        return False
+    started = recorded.get("pid_started")
+    if started is None:  # no start time recorded (no /proc): a live python process with that pid
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path("/proc").is_dir() else b"python"
+        except OSError:
+            return False
+        return process_alive(pid) and b"python" in cmdline
+    owner, owner_started = recorded.get("owner"), recorded.get("owner_started")
+    deadline = time.monotonic() + wait_seconds
+    while process_alive(pid, started):
+        if owner is None or process_alive(int(owner), owner_started) or time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +402,7 @@ def _run_local(jobs: Sequence[Job], run_fn: RunFn, workers: int, bar: Progress, 
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus), daemon=True,
+                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus, os.getpid()), daemon=True,
                                           name=f"eva-rl:{job.name}")
                 process.start()
                 running[job.name] = (process, job)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from eva_rl.jobs import Job, is_done, run_jobs
+from eva_rl.jobs import Job, is_done, process_alive, process_start, run_jobs
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -130,6 +131,18 @@ def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
             {"status": "running", "pid": other.pid, "host": socket.gethostname(), "config": {"steps": 1}}))
         [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
         assert result.status == "busy" and not (tmp_path / "a" / "calls.txt").exists()
+        # with its start time recorded, the pid must still name the process that claimed the run
+        recorded = {"status": "running", "pid": other.pid, "pid_started": process_start(other.pid),
+                    "host": socket.gethostname(), "config": {"steps": 1}}
+        (tmp_path / "a" / "run.json").write_text(json.dumps(recorded))
+        [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
+        assert result.status == "busy"
+        # the same pid with another start time is a reused pid: the run's owner is gone, resume it
+        (tmp_path / "a" / "run.json").write_text(json.dumps({**recorded, "pid_started": "1"}))
+        [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
+        assert result.status == "done"
+        (tmp_path / "a" / "done").unlink()
+        (tmp_path / "a" / "run.json").write_text(json.dumps(recorded))
     finally:
         other.kill()
         other.wait()
@@ -137,3 +150,70 @@ def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
     assert result.status == "done"
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_killing_the_parent_ends_its_runs_and_a_rerun_completes_every_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    configs = {"a": {"steps": 40, "sleep": 0.1}, "b": {"steps": 40, "sleep": 0.1}, "c": {"steps": 2}}
+    script = (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); from pathlib import Path\n"
+              f"from test_jobs import jobs_in, tiny_run\nfrom eva_rl.jobs import run_jobs\n"
+              f"run_jobs(jobs_in(Path({str(tmp_path)!r}), {configs!r}), tiny_run, workers=2, progress=False)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120  # spawning is slow on a busy machine
+        while time.time() < deadline and not all(_step(tmp_path / name) >= 2 for name in ("a", "b")):
+            assert parent.poll() is None, "the experiment ended before it was killed"
+            time.sleep(0.05)
+        children = [json.loads((tmp_path / name / "run.json").read_text())["pid"] for name in ("a", "b")]
+        assert all(process_alive(pid) for pid in children)
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(process_alive(pid) for pid in children):
+            time.sleep(0.05)
+        assert not any(process_alive(pid) for pid in children), "a run outlived the killed command"
+    finally:
+        parent.kill()
+        parent.wait()
+    killed_at = {name: _step(tmp_path / name) for name in ("a", "b")}
+    assert all(step < 40 for step in killed_at.values())
+    results = run_jobs(jobs_in(tmp_path, configs), tiny_run, workers=2, progress=False)
+    assert [(r.name, r.status) for r in results] == [("a", "done"), ("b", "done"), ("c", "done")]
+    for name, step in killed_at.items():  # resumed from the checkpoint, not started over
+        starts = [int(x) for x in (tmp_path / name / "calls.txt").read_text().split()]
+        assert starts[0] == 0 and starts[-1] >= step - 1 and len(starts) == 2
+
+
+def _step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoint.json").read_text())["step"]
+    except (OSError, ValueError):
+        return -1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_child_that_calls_die_with_parent_ends_with_its_parent(tmp_path: Path) -> None:
+    import subprocess
+
+    # parent -> child; the child arms die_with_parent, prints its pid, sleeps; kill -9 the parent
+    child = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+             "from eva_rl.jobs import die_with_parent; die_with_parent()\nprint(flush=True); time.sleep(60)\n")
+    parent_code = ("import subprocess, sys, time\n"
+                   f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE)\n"
+                   "p.stdout.readline(); print(p.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE)
+    try:
+        pid = int(parent.stdout.readline())
+        assert process_alive(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and process_alive(pid):
+        time.sleep(0.02)
+    assert not process_alive(pid)

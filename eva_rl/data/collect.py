@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from eva_rl.storage import replace_dir
 from eva_rl.envs import expert_policy, make_env, task_spec
+from eva_rl.jobs import die_with_parent
 
 NAMESPACE = "eva-rl"
 SB3_ALGORITHMS = ("a2c", "ddpg", "dqn", "ppo", "sac", "td3")
@@ -354,7 +355,7 @@ def _collect_each(tasks: list[str], config: CollectConfig, progress: bool) -> It
                 yield summary
         else:
             # spawn: MuJoCo and torch state must not be forked into workers.
-            with mp.get_context("spawn").Pool(min(config.workers, len(tasks))) as pool:
+            with mp.get_context("spawn").Pool(min(config.workers, len(tasks)), initializer=die_with_parent) as pool:
                 for summary in pool.imap(_collect_task_star, [(task, config) for task in tasks]):
                     bar.update(1)
                     yield summary
