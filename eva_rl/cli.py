@@ -7,7 +7,9 @@ translates the command line into that call, and turns user errors into one clean
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -24,6 +26,42 @@ def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=None, help="YAML config file (defaults apply when omitted)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+
+
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The YAML file and the overrides; a first positional `key=value` is an override, not a file."""
+    config_file, overrides = args.config, list(args.overrides)
+    if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
+        config_file, overrides = None, [config_file] + overrides
+    return config_file, overrides
+
+
+def check_output(path: str | os.PathLike, what: str, *, directory: bool) -> Path:
+    """`path` if this process can write it as a directory (or a file); else one clear ValueError.
+
+    Called by every command before its work starts, so that an hour of evaluation or training is
+    not lost to an output that cannot be written at the end. An existing directory (or file, when
+    a file is asked for) is fine: the command decides whether it may be reused or replaced.
+    """
+    path = Path(path).expanduser()
+    kind = "directory" if directory else "file"
+    if path.exists():
+        if path.is_dir() != directory:
+            actual = "directory" if path.is_dir() else "file"
+            raise ValueError(f"{what} {str(path)!r} is an existing {actual}, not a {kind}. "
+                             f"Name a {kind} (a new path, or another {kind}).")
+        target = path if directory else path.parent
+    else:
+        target = path.parent
+        while not target.exists():  # the nearest existing ancestor is where the path will be made
+            target = target.parent
+        if not target.is_dir():
+            raise ValueError(f"{what} {str(path)!r} cannot be made: {str(target)!r} is a file, not a directory. "
+                             f"Choose a path that is not under a file.")
+    if not os.access(target, os.W_OK | os.X_OK) or (path.is_file() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {str(target)!r} is read-only or not yours. "
+                         f"Choose a writable place.")
+    return path
 
 
 # --- collect -----------------------------------------------------------------------------------
@@ -43,7 +81,7 @@ def _collect_args(parser: argparse.ArgumentParser) -> None:
 
 @command("collect", _collect_args)
 def _collect(args: argparse.Namespace) -> int:
-    from eva_rl.data.collect import CollectConfig, collect_tasks
+    from eva_rl.data.collect import CollectConfig, collect_tasks, datasets_root
     from eva_rl.envs import resolve_tasks
 
     names = list(args.task) + list(args.suite)
@@ -52,6 +90,7 @@ def _collect(args: argparse.Namespace) -> int:
     config = CollectConfig(policy=args.policy, noise=args.noise, episodes=args.episodes, seed=args.seed,
                            horizon=args.horizon, out=args.out, overwrite=args.overwrite,
                            workers=args.workers)
+    check_output(datasets_root(config.out), "--out (the datasets' root)", directory=True)
     for summary in collect_tasks(resolve_tasks(names), config):
         print(summary.describe())
     return 0
@@ -72,8 +111,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     from eva_rl.train import TrainConfig, pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
-    result = pretrain(load_config(TrainConfig, args.config, overrides))
+    config_file, overrides = _config_and_overrides(args)
+    overrides += ["resume=true"] if args.resume else []
+    config = load_config(TrainConfig, config_file, overrides)
+    check_output(config.out_dir, "out_dir", directory=True)
+    result = pretrain(config)
     final = result.metrics["final"]
     print(f"pretrained {result.steps} updates in {result.metrics['train_seconds']:.0f} s: final loss "
           f"{final['train_loss']}, success {final['success_rate']} -> {result.out_dir / 'model'}")
@@ -123,10 +165,26 @@ def _parse_target_returns(items: Sequence[str]) -> float | dict[str, float] | No
     return per_task
 
 
+def _check_target_tasks(target_returns: float | dict[str, float] | None, tasks: Sequence[str]) -> None:
+    """A TASK=VALUE naming a task that is not evaluated is a typo, not something to ignore."""
+    from eva_rl.envs import resolve_tasks
+
+    if isinstance(target_returns, dict):
+        evaluated = resolve_tasks(list(tasks))
+        stray = [task for task in target_returns if task not in evaluated]
+        if stray:
+            raise ValueError(f"--target-return names {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} "
+                             f"not evaluated (tasks: {', '.join(evaluated)}). Fix the task name, or add it to --tasks.")
+
+
 @command("evaluate", _evaluate_args)
 def _evaluate(args: argparse.Namespace) -> int:
     from eva_rl.evaluate import evaluate, evaluate_reference, load_policy
 
+    if args.json:
+        check_output(args.json, "--json", directory=False)
+    if args.video:
+        check_output(args.video, "--video", directory=True)
     common = dict(num_envs=args.num_envs, horizon=args.horizon, asynchronous=args.asynchronous,
                   video_dir=args.video, video_every=args.video_every, progress=args.progress)
     if args.reference is not None:
@@ -138,12 +196,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         if args.model_dir is None:
             raise ValueError("Name the checkpoint to evaluate (eva-rl evaluate MODEL_DIR) or pass --reference expert|random.")
+        target_returns = _parse_target_returns(args.target_return)
+        if args.tasks:  # checked before the policy loads; else once it has named its tasks
+            _check_target_tasks(target_returns, args.tasks)
         policy = load_policy(args.model_dir, base=args.base, device=args.device)
         tasks = args.tasks or list(policy.metadata.tasks)
         if not tasks:
             raise ValueError(f"The checkpoint {args.model_dir!r} names no tasks; pass --tasks.")
-        result = evaluate(policy, tasks, args.episodes, args.seed, target_returns=_parse_target_returns(args.target_return),
-                          bf16=args.bf16, **common)
+        _check_target_tasks(target_returns, tasks)
+        result = evaluate(policy, tasks, args.episodes, args.seed, target_returns=target_returns, bf16=args.bf16, **common)
     print(result.describe())
     if args.json:
         print(f"wrote {result.to_json(args.json)}")
@@ -166,11 +227,11 @@ def _finetune(args: argparse.Namespace) -> int:
     from eva_rl.finetune import FinetuneConfig, finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config_file, overrides = args.config, list(args.overrides)
-    if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
-        config_file, overrides = None, [config_file] + overrides  # only key=value overrides were given
+    config_file, overrides = _config_and_overrides(args)
     overrides += (["train.resume=true"] if args.resume else []) + (["merge=true"] if args.merge else [])
-    result = finetune(load_config(FinetuneConfig, config_file, overrides))
+    config = load_config(FinetuneConfig, config_file, overrides)
+    check_output(config.train.out_dir, "train.out_dir", directory=True)
+    result = finetune(config)
     metrics, final = result.metrics, result.metrics["final"]
     eva = f", EVA {metrics['eva_seconds']:.1f} s" if metrics.get("eva_seconds") is not None else ""
     print(f"{metrics['method']} on {metrics['task']}: {metrics['trainable_params']} trainable parameters, "
@@ -193,6 +254,7 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
 def _report(args: argparse.Namespace) -> int:
     from eva_rl.report import write_report
 
+    check_output(args.out or Path(args.runs_dir) / "report", "--out (the report's directory)", directory=True)
     result = write_report(args.runs_dir, args.out, n_bootstrap=args.bootstrap, plots=not args.no_plots)
     print(result.markdown)
     print(f"Report written to {result.out_dir}")
@@ -223,6 +285,11 @@ def _run_experiment_and_report(config_name: str, overrides: list[str], args: arg
 
     path = config_path(config_name)
     config = load_experiment(path, overrides)
+    check_output(config.out_dir, "out_dir", directory=True)
+    if report:
+        check_output(config.report_dir or Path(config.out_dir) / "report", "report_dir", directory=True)
+    if config.collect.datasets_dir and config.collect.enabled:
+        check_output(config.collect.datasets_dir, "collect.datasets_dir", directory=True)
     try:
         result = run_experiment(config, backend=args.backend, workers=args.workers, address=args.address,
                                 overwrite=args.overwrite, yaml_path=path)
@@ -277,6 +344,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 
+# What a user can cause (bad paths, keys, values, outputs): one line. Anything else is a bug in
+# eva-rl or a dependency and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
 SUMMARIES = {
     "collect": "collect behaviour data (scripted expert + noise, SB3 model, random) into Minari datasets",
     "pretrain": "pretrain a Decision Transformer on one or many tasks' datasets",
@@ -295,15 +366,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=SUMMARIES.get(name), description=SUMMARIES.get(name)))
+        command_parser = sub.add_parser(name, help=SUMMARIES.get(name), description=SUMMARIES.get(name))
+        # also accepted after the command (eva-rl evaluate ... --debug); SUPPRESS keeps the top-level value
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help="show full tracebacks for user errors")
+        add_args(command_parser)
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"eva-rl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"eva-rl {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""The command line: user errors are one line (no traceback), checked before the work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import eva_rl.cli as cli
+from eva_rl.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line_error(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture()
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+def test_report_out_naming_an_existing_file_is_one_clear_error(capsys, tmp_path: Path, a_file: Path) -> None:
+    code, err = run_cli(capsys, "report", tmp_path, "--out", a_file)
+    assert code == 2
+    assert "--out (the report's directory)" in one_line_error(err) and "is an existing file, not a directory" in err
+
+
+def test_outputs_under_a_regular_file_fail_before_any_work(capsys, a_file: Path, monkeypatch) -> None:
+    import eva_rl.evaluate
+    import eva_rl.train
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before its output was checked")
+
+    monkeypatch.setattr(eva_rl.train, "pretrain", no_work)
+    monkeypatch.setattr(eva_rl.evaluate, "evaluate_reference", no_work)
+    code, err = run_cli(capsys, "pretrain", f"out_dir={a_file / 'run'}", "data.paths=[nowhere]")
+    assert code == 2 and "out_dir" in one_line_error(err) and f"{str(a_file)!r} is a file, not a directory" in err
+    code, err = run_cli(capsys, "evaluate", "--reference", "random", "--tasks", "CartPole-v1",
+                        "--json", a_file / "out.json")
+    assert code == 2 and "--json" in one_line_error(err) and "is a file, not a directory" in err
+    code, err = run_cli(capsys, "collect", "--task", "reach-v3", "--out", a_file)
+    assert code == 2 and "the datasets' root" in one_line_error(err) and "existing file" in err
+    code, err = run_cli(capsys, "experiment", "quickstart.yaml", f"out_dir={a_file / 'x'}")
+    assert code == 2 and "out_dir" in one_line_error(err) and "is a file" in err
+
+
+def test_an_output_in_a_read_only_place_is_one_clear_error(capsys, tmp_path: Path, monkeypatch) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes read-only directories: stand in for a read-only mount
+        access = os.access
+        monkeypatch.setattr(cli.os, "access", lambda path, mode: access(path, mode) and Path(path) != locked)
+    try:
+        code, err = run_cli(capsys, "report", tmp_path, "--out", locked / "report")
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and "read-only or not yours" in one_line_error(err) and str(locked) in err
+
+
+def test_check_output_accepts_new_and_existing_places_and_refuses_the_wrong_kind(tmp_path: Path, a_file: Path) -> None:
+    assert cli.check_output(tmp_path / "new" / "deeper", "out", directory=True) == tmp_path / "new" / "deeper"
+    assert cli.check_output(tmp_path, "out", directory=True) == tmp_path
+    assert cli.check_output(a_file, "--json", directory=False) == a_file  # an existing file is replaced
+    with pytest.raises(ValueError, match="is an existing directory, not a file"):
+        cli.check_output(tmp_path, "--json", directory=False)
+    assert not (tmp_path / "new").exists()  # checking makes nothing
+
+
+def test_target_return_naming_a_task_not_evaluated_is_an_error(capsys, tmp_path: Path) -> None:
+    code, err = run_cli(capsys, "evaluate", tmp_path / "no-model", "--tasks", "reach-v3",
+                        "--target-return", "reach-v2=4500")
+    assert code == 2
+    assert "--target-return names reach-v2, which is not evaluated (tasks: reach-v3)" in one_line_error(err)
+
+
+def test_user_errors_are_one_line_and_debug_or_bugs_show_the_traceback(capsys, monkeypatch) -> None:
+    code, err = run_cli(capsys, "pretrain", "optim.lrr=1")
+    assert code == 2 and "Unknown config key 'optim.lrr'" in one_line_error(err)
+    with pytest.raises(ValueError, match="optim.lrr"):
+        main(["pretrain", "optim.lrr=1", "--debug"])
+
+    def bug(args):
+        raise RuntimeError("an internal error")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", (cli.COMMANDS["report"][0], bug))
+    with pytest.raises(RuntimeError, match="an internal error"):
+        main(["report", "runs"])
+
+
+def test_experiment_exits_non_zero_when_a_grid_point_has_no_result(capsys, tmp_path: Path, monkeypatch) -> None:
+    import eva_rl.experiment as experiment
+
+    def run_experiment(config, **kwargs):
+        runs = (experiment.JobResult("push-v3/lora-r8-s0", "done", 1.0),
+                experiment.JobResult("push-v3/eva-r8-s0", "busy", 0.0, "running in process 4242"))
+        return experiment.ExperimentResult(tmp_path, tmp_path / "model", None, runs)
+
+    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
+    code, err = run_cli(capsys, "experiment", "quickstart.yaml", f"out_dir={tmp_path}", "--no-report")
+    assert code == 1
+    assert "MISSING push-v3/eva-r8-s0: running in process 4242" in err
