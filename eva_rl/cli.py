@@ -7,18 +7,28 @@ translates the command line into that call, and turns user errors into one clean
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+class Command(NamedTuple):
+    add_args: Callable[[argparse.ArgumentParser], None]   # declares the subcommand's arguments
+    run: Callable[[argparse.Namespace], int]              # does its work; returns the exit code
+    config: Callable[[], type] | None = None              # its config class (imported lazily), for --print-config
 
 
-def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
-    """Register `run(args) -> exit code` as the subcommand `name` whose arguments `add_args` declares."""
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, add_args: Callable[[argparse.ArgumentParser], None], config: Callable[[], type] | None = None):
+    """Register `run(args) -> exit code` as the subcommand `name` whose arguments `add_args` declares.
+
+    config: returns the command's config class; the command then takes --print-config.
+    """
     def register(run: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (add_args, run)
+        COMMANDS[name] = Command(add_args, run, config)
         return run
     return register
 
@@ -67,33 +77,52 @@ def check_output(path: str | os.PathLike, what: str, *, directory: bool) -> Path
 # --- collect -----------------------------------------------------------------------------------
 
 def _collect_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
     parser.add_argument("--task", action="append", default=[], help="task name (repeatable)")
     parser.add_argument("--suite", action="append", default=[], help="suite name: cw10, mt10, mt40, mt50, mujoco, classic")
-    parser.add_argument("--policy", default="expert", help="expert | random | sb3:PATH[:ALGO]")
-    parser.add_argument("--noise", type=float, default=0.1, help="Gaussian action-noise sigma added to the policy's actions (0 = none)")
-    parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--horizon", type=int, default=None, help="steps per episode (default: the suite's)")
-    parser.add_argument("--out", default=None, help="root directory of the datasets (default: $MINARI_DATASETS_PATH)")
-    parser.add_argument("--overwrite", action="store_true", help="replace datasets that already exist")
-    parser.add_argument("--workers", type=int, default=1, help="tasks collected in parallel processes")
+    # the flags below set the CollectConfig key of their name; defaults live in the config class only
+    parser.add_argument("--policy", help="key policy: expert | random | sb3:PATH[:ALGO]")
+    parser.add_argument("--noise", type=float, help="key noise: Gaussian action-noise sigma (0 = none)")
+    parser.add_argument("--episodes", type=int, help="key episodes: episodes per task")
+    parser.add_argument("--seed", type=int, help="key seed")
+    parser.add_argument("--horizon", type=int, help="key horizon: steps per episode (default: the suite's)")
+    parser.add_argument("--out", help="key out: root directory of the datasets (default: $MINARI_DATASETS_PATH)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="key overwrite: replace existing datasets")
+    parser.add_argument("--workers", type=int, help="key workers: tasks collected in parallel processes")
 
 
-@command("collect", _collect_args)
+def _collect_config():
+    from eva_rl.data.collect import CollectConfig
+
+    return CollectConfig
+
+
+@command("collect", _collect_args, config=_collect_config)
 def _collect(args: argparse.Namespace) -> int:
+    from eva_rl.config import load_config
     from eva_rl.data.collect import CollectConfig, collect_tasks, datasets_root
     from eva_rl.envs import resolve_tasks
 
     names = list(args.task) + list(args.suite)
     if not names:
         raise ValueError("Name what to collect: --task reach-v3 (repeatable) or --suite cw10.")
-    config = CollectConfig(policy=args.policy, noise=args.noise, episodes=args.episodes, seed=args.seed,
-                           horizon=args.horizon, out=args.out, overwrite=args.overwrite,
-                           workers=args.workers)
+    config_file, overrides = _config_and_overrides(args)
+    flags = _flag_overrides(args, ("policy", "noise", "episodes", "seed", "horizon", "out", "overwrite", "workers"))
+    config = load_config(CollectConfig, config_file, overrides + flags)
     check_output(datasets_root(config.out), "--out (the datasets' root)", directory=True)
     for summary in collect_tasks(resolve_tasks(names), config):
         print(summary.describe())
     return 0
+
+
+def _flag_overrides(args: argparse.Namespace, keys: Sequence[str], rename: dict[str, str] | None = None) -> list[str]:
+    """`key=value` overrides of the flags given (a flag not given is None and leaves its key alone).
+
+    Values are written as JSON, which YAML reads back exactly (strings stay strings).
+    """
+    rename = rename or {}
+    return [f"{rename.get(dest, dest)}={json.dumps(getattr(args, dest))}"
+            for dest in keys if getattr(args, dest) is not None]
 
 
 # --- pretrain (train owns this block) ------------------------------------------------------------
@@ -103,7 +132,13 @@ def _pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its newest checkpoint")
 
 
-@command("pretrain", _pretrain_args)
+def _pretrain_config():
+    from eva_rl.train import TrainConfig
+
+    return TrainConfig
+
+
+@command("pretrain", _pretrain_args, config=_pretrain_config)
 def _pretrain(args: argparse.Namespace) -> int:
     import logging
 
@@ -124,90 +159,97 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # --- evaluate (policy owns this block) -----------------------------------------------------------
 
+_EVALUATE_FLAGS = ("model_dir", "tasks", "reference", "episodes", "seed", "num_envs", "horizon", "json", "video",
+                   "video_every", "bf16", "asynchronous", "base", "device", "progress")
+
+
 def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory (not needed with --reference)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of EvaluateConfig, e.g. episodes=20")
+    parser.add_argument("--config", default=None, metavar="YAML", help="an EvaluateConfig YAML (flags win over it)")
+    # each flag sets the EvaluateConfig key of its name; defaults live in the config class only
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="task or suite names (default: the tasks the policy was trained on)")
     parser.add_argument("--reference", choices=["expert", "random"], default=None,
                         help="evaluate a reference agent instead of a model")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
-    parser.add_argument("--seed", type=int, default=0, help="env i is seeded seed + i")
-    parser.add_argument("--num-envs", type=int, default=8, help="envs stepped together per task")
-    parser.add_argument("--horizon", type=int, default=None, help="steps per episode (default: the suite's)")
+    parser.add_argument("--episodes", type=int, help="episodes per task (default 10)")
+    parser.add_argument("--seed", type=int, help="env i is seeded seed + i (default 0)")
+    parser.add_argument("--num-envs", type=int, help="envs stepped together per task (default 8)")
+    parser.add_argument("--horizon", type=int, help="steps per episode (default: the suite's)")
     parser.add_argument("--target-return", action="append", default=[], metavar="[TASK=]VALUE",
                         help="raw target return, for all tasks or one (repeatable; default: the checkpoint's)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write episodes and aggregates to this JSON file")
-    parser.add_argument("--video", default=None, metavar="DIR", help="record each task's first episode as DIR/<task>.mp4")
-    parser.add_argument("--video-every", type=int, default=4, metavar="N", help="keep every N-th frame of the video")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 inference")
-    parser.add_argument("--async", dest="asynchronous", action="store_true", help="one process per env")
+    parser.add_argument("--json", default=None, metavar="OUT", help="key json_out: write episodes and aggregates to this JSON file")
+    parser.add_argument("--video", default=None, metavar="DIR", help="key video_dir: record each task's first episode as DIR/<task>.mp4")
+    parser.add_argument("--video-every", type=int, metavar="N", help="keep every N-th frame of the video")
+    parser.add_argument("--bf16", action="store_true", default=None, help="bfloat16 inference")
+    parser.add_argument("--async", dest="asynchronous", action="store_true", default=None, help="one process per env")
     parser.add_argument("--base", default=None, metavar="DIR",
                         help="pretrained checkpoint an adapter MODEL_DIR applies to (default: the one it recorded)")
-    parser.add_argument("--device", default="cpu", help="torch device of the policy")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--device", default=None, help="torch device of the policy (default cpu)")
+    parser.add_argument("--progress", action="store_true", default=None, help="show a progress bar")
 
 
-def _parse_target_returns(items: Sequence[str]) -> float | dict[str, float] | None:
-    if not items:
-        return None
-    per_task: dict[str, float] = {}
+def _target_return_overrides(items: Sequence[str]) -> list[str]:
+    """--target-return VALUE / TASK=VALUE as overrides of target_return / target_returns."""
+    overrides, per_task = [], {}
     for item in items:
         task, sep, value = item.rpartition("=")
         try:
             number = float(value)
         except ValueError:
             raise ValueError(f"--target-return {item!r} is not VALUE or TASK=VALUE (e.g. 4500 or reach-v3=4500).") from None
-        if not sep:
-            if len(items) > 1:
-                raise ValueError("Give either one --target-return VALUE for all tasks, or TASK=VALUE per task.")
-            return number
-        per_task[task] = number
-    return per_task
+        if sep:
+            per_task[task] = number
+        else:
+            overrides = [f"target_return={json.dumps(number)}"]
+    return overrides + ([f"target_returns={json.dumps(per_task)}"] if per_task else [])
 
 
-def _check_target_tasks(target_returns: float | dict[str, float] | None, tasks: Sequence[str]) -> None:
-    """A TASK=VALUE naming a task that is not evaluated is a typo, not something to ignore."""
-    from eva_rl.envs import resolve_tasks
+def _evaluate_config():
+    from eva_rl.evaluate import EvaluateConfig
 
-    if isinstance(target_returns, dict):
-        evaluated = resolve_tasks(list(tasks))
-        stray = [task for task in target_returns if task not in evaluated]
-        if stray:
-            raise ValueError(f"--target-return names {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} "
-                             f"not evaluated (tasks: {', '.join(evaluated)}). Fix the task name, or add it to --tasks.")
+    return EvaluateConfig
 
 
-@command("evaluate", _evaluate_args)
+def _load_evaluate_config(args: argparse.Namespace):
+    from eva_rl.config import load_config
+    from eva_rl.evaluate import EvaluateConfig
+
+    flags = _flag_overrides(args, _EVALUATE_FLAGS, rename={"json": "json_out", "video": "video_dir"})
+    overrides = list(args.overrides)
+    if args.model_dir is not None and "=" in args.model_dir and not Path(args.model_dir).exists():
+        flags, overrides = [f for f in flags if not f.startswith("model_dir=")], [args.model_dir] + overrides
+    return load_config(EvaluateConfig, args.config, overrides + _target_return_overrides(args.target_return) + flags)
+
+
+@command("evaluate", _evaluate_args, config=_evaluate_config)
 def _evaluate(args: argparse.Namespace) -> int:
+    from eva_rl.envs import resolve_tasks
     from eva_rl.evaluate import evaluate, evaluate_reference, load_policy
 
-    if args.json:
-        check_output(args.json, "--json", directory=False)
-    if args.video:
-        check_output(args.video, "--video", directory=True)
-    common = dict(num_envs=args.num_envs, horizon=args.horizon, asynchronous=args.asynchronous,
-                  video_dir=args.video, video_every=args.video_every, progress=args.progress)
-    if args.reference is not None:
-        if args.model_dir is not None:
-            raise ValueError("Give either MODEL_DIR or --reference, not both.")
-        if not args.tasks:
+    config = _load_evaluate_config(args)
+    if config.json_out:
+        check_output(config.json_out, "--json", directory=False)
+    if config.video_dir:
+        check_output(config.video_dir, "--video", directory=True)
+    common = dict(num_envs=config.num_envs, horizon=config.horizon, asynchronous=config.asynchronous,
+                  video_dir=config.video_dir, video_every=config.video_every, progress=config.progress)
+    if config.reference is not None:
+        if not config.tasks:
             raise ValueError("--reference needs --tasks (task or suite names).")
-        result = evaluate_reference(args.reference, args.tasks, args.episodes, args.seed, **common)
+        result = evaluate_reference(config.reference, list(config.tasks), config.episodes, config.seed, **common)
     else:
-        if args.model_dir is None:
-            raise ValueError("Name the checkpoint to evaluate (eva-rl evaluate MODEL_DIR) or pass --reference expert|random.")
-        target_returns = _parse_target_returns(args.target_return)
-        if args.tasks:  # checked before the policy loads; else once it has named its tasks
-            _check_target_tasks(target_returns, args.tasks)
-        policy = load_policy(args.model_dir, base=args.base, device=args.device)
-        tasks = args.tasks or list(policy.metadata.tasks)
+        if config.tasks:  # checked before the policy loads; else once it has named its tasks
+            config.targets(resolve_tasks(list(config.tasks)))
+        policy = load_policy(config.model_dir, base=config.base, device=config.device)
+        tasks = list(config.tasks) or list(policy.metadata.tasks)
         if not tasks:
-            raise ValueError(f"The checkpoint {args.model_dir!r} names no tasks; pass --tasks.")
-        _check_target_tasks(target_returns, tasks)
-        result = evaluate(policy, tasks, args.episodes, args.seed, target_returns=target_returns, bf16=args.bf16, **common)
+            raise ValueError(f"The checkpoint {config.model_dir!r} names no tasks; pass --tasks.")
+        result = evaluate(policy, tasks, config.episodes, config.seed, target_returns=config.targets(resolve_tasks(tasks)),
+                          bf16=config.bf16, **common)
     print(result.describe())
-    if args.json:
-        print(f"wrote {result.to_json(args.json)}")
+    if config.json_out:
+        print(f"wrote {result.to_json(config.json_out)}")
     return 0
 
 
@@ -219,7 +261,13 @@ def _finetune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="also write merged/: a standalone checkpoint")
 
 
-@command("finetune", _finetune_args)
+def _finetune_config():
+    from eva_rl.finetune import FinetuneConfig
+
+    return FinetuneConfig
+
+
+@command("finetune", _finetune_args, config=_finetune_config)
 def _finetune(args: argparse.Namespace) -> int:
     import logging
 
@@ -272,7 +320,8 @@ def _experiment_backend_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _experiment_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML (a path, or a name in configs/: quickstart.yaml, cw10-cpu.yaml, ...)")
+    parser.add_argument("config", nargs="?", default=None,
+                        help="experiment YAML (a path, or a name in configs/: quickstart.yaml, cw10-cpu.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.seeds=[0,1]")
     _experiment_backend_args(parser)
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -309,8 +358,17 @@ def _run_experiment_and_report(config_name: str, overrides: list[str], args: arg
     return result, made
 
 
-@command("experiment", _experiment_args)
+def _experiment_config():
+    from eva_rl.experiment import ExperimentConfig
+
+    return ExperimentConfig
+
+
+@command("experiment", _experiment_args, config=_experiment_config)
 def _experiment(args: argparse.Namespace) -> int:
+    if args.config is None:
+        raise ValueError("Name the experiment's YAML: eva-rl experiment CONFIG (e.g. quickstart.yaml); "
+                         "eva-rl experiment --print-config writes every key with its default.")
     result, report = _run_experiment_and_report(args.config, args.overrides, args, report=not args.no_report)
     if report is not None:
         print(report.markdown)
@@ -365,15 +423,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "adapters, and evaluate them on Gymnasium and Meta-World tasks.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_args, _) in COMMANDS.items():
+    for name, spec in COMMANDS.items():
         command_parser = sub.add_parser(name, help=SUMMARIES.get(name), description=SUMMARIES.get(name))
         # also accepted after the command (eva-rl evaluate ... --debug); SUPPRESS keeps the top-level value
         command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                     help="show full tracebacks for user errors")
-        add_args(command_parser)
+        if spec.config is not None:
+            command_parser.add_argument("--print-config", action="store_true",
+                                        help="write every config key with its default and its meaning (YAML), and exit")
+        spec.add_args(command_parser)
     args = parser.parse_args(argv)
+    spec = COMMANDS[args.command]
+    if getattr(args, "print_config", False):
+        from eva_rl.config import config_yaml
+
+        print(f"# eva-rl {args.command}: every key with its default; a YAML of any of them, or key=value "
+              f"overrides, set them.\n{config_yaml(spec.config())}", end="")
+        return 0
     try:
-        return COMMANDS[args.command][1](args)
+        return spec.run(args)
     except USER_ERRORS as exc:
         if args.debug:
             raise

@@ -7,9 +7,14 @@ and saving a resolved config back to YAML that reloads to the same object.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -143,3 +148,84 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write `config` as YAML atomically, so that `load_config(type(config), path)` rebuilds it."""
     text = OmegaConf.to_yaml(OmegaConf.structured(config))
     write_text_atomic(Path(path), text)
+
+
+# --- the config reference (`eva-rl COMMAND --print-config`) --------------------------------------
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its comment} of a config dataclass, read from its source code.
+
+    A field's comment is the run of `#` lines right above it plus a `#` comment at the end of its
+    line: the comments written where each field is declared are the reference, with no second
+    copy to drift. Fields of dataclass bases are included; a field without a comment maps to "".
+    """
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and klass is not object:
+            comments.update(_class_field_comments(klass))
+    return {f.name: comments.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _class_field_comments(klass: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # defined in a REPL or built at run time: no source to read
+        return {}
+    lines = source.splitlines()
+    inline = {token.start[0]: token.string for token in tokenize.generate_tokens(io.StringIO(source).readline)
+              if token.type == tokenize.COMMENT}
+    [node] = ast.parse(source).body
+    comments: dict[str, str] = {}
+    group, group_end = "", -1  # the comment of the field above and its last line
+    for statement in node.body:  # type: ignore[attr-defined]
+        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+            group_end = -1
+            continue
+        above, row = [], statement.lineno - 1  # 1-based line numbers: lines[row - 1] is the line above
+        while row >= 1 and lines[row - 1].strip().startswith("#"):
+            above.insert(0, lines[row - 1].strip())
+            row -= 1
+        last = statement.end_lineno or statement.lineno
+        end = inline[last].lstrip("#").strip() if last in inline else ""
+        text = " ".join(line.lstrip("#").strip() for line in above)
+        if end:
+            text = f"{text} {end[0].upper()}{end[1:]}" if text.endswith(".") else "; ".join(filter(None, (text, end)))
+        if not text and statement.lineno == group_end + 1:
+            text = group  # a field right under another with no comment of its own: one comment for the pair
+        comments[statement.target.id] = text
+        group, group_end = text, last
+    return comments
+
+
+def config_yaml(config: Any, width: int = 100) -> str:
+    """`config` (an instance, or a config class for its defaults) as YAML, each key's comment above it.
+
+    Nested sections are included; the text reloads to the same config with `load_config`. A class's
+    defaults are read without running its checks, so a class whose defaults alone do not validate
+    (a required key left empty) still prints.
+    """
+    cls = config if isinstance(config, type) else type(config)
+    values = _lists(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+    return "\n".join(_yaml_lines(cls, values, 0, width)) + "\n"
+
+
+def _yaml_lines(cls: type, values: dict, indent: int, width: int) -> list[str]:
+    pad = " " * indent
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    previous = None
+    for item in dataclasses.fields(cls):
+        comment = comments[item.name]
+        if comment and comment != previous:  # a comment shared by a group of fields is written once
+            lines += [f"{pad}# {line}" for line in textwrap.wrap(comment, max(40, width - indent - 2))]
+        previous = comment
+        kind, value = hints.get(item.name), values[item.name]
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            lines.append(f"{pad}{item.name}:")
+            lines += _yaml_lines(kind, value, indent + 2, width)
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            text = text.removesuffix("...").strip()  # a scalar is dumped as a document: drop its end marker
+            lines.append(f"{pad}{item.name}: {text}")
+    return lines

@@ -500,3 +500,67 @@ def _write_video(path: Path, frames: list[np.ndarray], env: Any, every: int) -> 
         if isinstance(exc, (ImportError, RuntimeError)) and "ffmpeg" in str(exc).lower():
             raise RuntimeError("Writing MP4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from exc
         raise
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What `eva-rl evaluate` evaluates and how (YAML + dotted overrides; every flag sets one key)."""
+
+    # Checkpoint, plain DT or adapter directory to evaluate; None when `reference` is set.
+    model_dir: str | None = None
+    # Task or suite names; empty = the tasks the policy was trained on.
+    tasks: tuple[str, ...] = ()
+    # Evaluate a reference agent instead of a model: "expert" or "random"; None = the model.
+    reference: str | None = None
+    # Episodes per task.
+    episodes: int = 10
+    # Env i of a task is seeded seed + i.
+    seed: int = 0
+    # Envs stepped together per task.
+    num_envs: int = 8
+    # Steps per episode; None = the suite's horizon.
+    horizon: int | None = None
+    # Raw target return for every task; None = the one the checkpoint recorded per task.
+    target_return: float | None = None
+    # Raw target return per task (task -> value); wins over target_return for the tasks it names.
+    target_returns: dict[str, float] = field(default_factory=dict)
+    # Write the episodes and aggregates to this JSON file; None = no file.
+    json_out: str | None = None
+    # Record each task's first episode as <video_dir>/<task>.mp4; None = no video.
+    video_dir: str | None = None
+    # Keep every N-th frame of the video.
+    video_every: int = 4
+    # bfloat16 inference.
+    bf16: bool = False
+    # One process per env (Gymnasium's AsyncVectorEnv) instead of stepping them in this process.
+    asynchronous: bool = False
+    # Pretrained checkpoint an adapter model_dir applies to; None = the one the adapter recorded.
+    base: str | None = None
+    # Torch device of the policy.
+    device: str = "cpu"
+    # Show a progress bar.
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "num_envs", "video_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.horizon is not None and self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1 step or null, got {self.horizon}.")
+        if self.reference not in (None, "expert", "random"):
+            raise ValueError(f"reference must be 'expert', 'random' or null, got {self.reference!r}.")
+        if self.model_dir is None and self.reference is None:
+            raise ValueError("Name the checkpoint to evaluate (eva-rl evaluate MODEL_DIR) or pass --reference expert|random.")
+        if self.model_dir is not None and self.reference is not None:
+            raise ValueError("Give either MODEL_DIR (model_dir) or --reference (reference), not both.")
+
+    def targets(self, tasks: Sequence[str]) -> float | dict[str, float] | None:
+        """The `target_returns` argument of `evaluate` for `tasks` (already resolved from suites)."""
+        if not self.target_returns:
+            return self.target_return
+        stray = [task for task in self.target_returns if task not in tasks]
+        if stray:  # a typo in a task name would otherwise be silently ignored
+            raise ValueError(f"target_returns names {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} "
+                             f"not evaluated (tasks: {', '.join(tasks)}). Fix the task name, or add it to tasks.")
+        fallback = {} if self.target_return is None else {task: self.target_return for task in tasks}
+        return {**fallback, **self.target_returns}

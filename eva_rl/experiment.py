@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -127,6 +128,9 @@ class FinetuneStage:
             raise ValueError(f"finetune.ranks must be >= 1, got {self.ranks}.")
         if self.cpus_per_run < 1:
             raise ValueError("finetune.cpus_per_run must be >= 1.")
+        # `finetune.sweep.eva.rho=[1, 2]` on the command line arrives nested ({eva: {rho: [1, 2]}}): a dotted
+        # key under sweep is one key, so nesting is undone here (values are lists, never mappings)
+        object.__setattr__(self, "sweep", flatten(dict(self.sweep)))
         for key, values in self.sweep.items():
             if not isinstance(values, (list, tuple)) or not values:
                 raise ValueError(f"finetune.sweep.{key} must be a non-empty list of values, got {values!r}.")
@@ -143,8 +147,11 @@ class ExperimentConfig:
     # Where the report of this experiment's runs goes; None = out_dir/report. Two configs sharing
     # an out_dir (a grid and a subset of it) keep apart reports here.
     report_dir: str | None = None
+    # The datasets: which behaviour policy and noise levels, how many episodes, where they live.
     collect: CollectStage = field(default_factory=CollectStage)
+    # The pretrained checkpoint: an existing one (pretrain.checkpoint) or a run made first.
     pretrain: PretrainStage = field(default_factory=lambda: PretrainStage(tasks=("reach-v3",)))
+    # The fine-tuning grid: tasks x methods x ranks x seeds x swept keys, one run (and evaluation) each.
     finetune: FinetuneStage = field(default_factory=lambda: FinetuneStage(tasks=("push-v3",)))
 
 
@@ -199,17 +206,30 @@ def expand_grid(stage: FinetuneStage, tasks: Sequence[str] | None = None) -> lis
 
 
 def run_name(point: dict[str, Any]) -> str:
-    """`<task>/<method>-r<rank>-s<seed>[-<key>=<value>...]` (rank left out when None)."""
+    """`<task>/<method>-r<rank>-s<seed>[-<key>-<value>...]` (rank left out when None), shell-safe.
+
+    Values are spelt with letters, digits and `._+-` only (`eva.rho-2.0`, `train.optim.betas-0.9_0.99`),
+    so a run's folder can be typed in a shell without quotes.
+    """
     parts = [str(point["method"])]
     if point.get("rank") is not None:
         parts.append(f"r{point['rank']}")
     parts.append(f"s{point['seed']}")
-    parts += [f"{k}={_value_text(v)}" for k, v in point.items() if k not in ("task", "method", "rank", "seed")]
+    parts += [f"{k}-{_value_text(v)}" for k, v in point.items() if k not in ("task", "method", "rank", "seed")]
+    return f"{point['task']}/" + re.sub(r"[^\w.+-]+", "_", "-".join(parts)).strip("_")
+
+
+def legacy_run_name(point: dict[str, Any]) -> str:
+    """The folder name runs had before names became shell-safe (`eva-r4-s0-eva.rho=2.0`), to find them."""
+    parts = [str(point["method"])] + ([f"r{point['rank']}"] if point.get("rank") is not None else [])
+    parts += [f"s{point['seed']}"]
+    parts += [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in point.items()
+              if k not in ("task", "method", "rank", "seed")]
     return f"{point['task']}/" + "-".join(parts).replace("/", "_")
 
 
 def _value_text(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return re.sub(r"[^\w.+-]+", "_", json.dumps(value) if isinstance(value, (list, dict)) else str(value)).strip("_")
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -365,9 +385,18 @@ def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Pa
                          f"use method names: {', '.join(METHODS)}.")
     base = config_path(stage.config, yaml_file) if stage.config else None
     jobs = []
-    for point in expand_grid(stage, tasks):
-        name = run_name(point)
-        run_dir = Path(config.out_dir).resolve() / "runs" / name
+    runs = Path(config.out_dir).resolve() / "runs"
+    points = expand_grid(stage, tasks)
+    names = [run_name(point) for point in points]
+    if len(set(names)) < len(names):  # two swept values spelt alike once made shell-safe (e.g. "a b" and "a_b")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"finetune.sweep gives two grid points the same run folder {twice[0]!r}: "
+                         f"sweep values that differ in more than punctuation and spaces.")
+    for point, name in zip(points, names):
+        legacy = legacy_run_name(point)
+        if legacy != name and not (runs / name).exists() and (runs / legacy).exists():
+            name = legacy  # a run made before folder names became shell-safe: keep using it
+        run_dir = runs / name
         swept = {k: v for k, v in point.items() if k not in ("task", "method", "rank", "seed")}
         per_method = stage.method_overrides.get(point["method"]) or {}
         keys = finetune_keys(point, checkpoint, dataset_paths(config, [point["task"]], "finetune"), run_dir)

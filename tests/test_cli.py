@@ -84,7 +84,7 @@ def test_target_return_naming_a_task_not_evaluated_is_an_error(capsys, tmp_path:
     code, err = run_cli(capsys, "evaluate", tmp_path / "no-model", "--tasks", "reach-v3",
                         "--target-return", "reach-v2=4500")
     assert code == 2
-    assert "--target-return names reach-v2, which is not evaluated (tasks: reach-v3)" in one_line_error(err)
+    assert "names reach-v2, which is not evaluated (tasks: reach-v3)" in one_line_error(err)
 
 
 def test_user_errors_are_one_line_and_debug_or_bugs_show_the_traceback(capsys, monkeypatch) -> None:
@@ -96,7 +96,7 @@ def test_user_errors_are_one_line_and_debug_or_bugs_show_the_traceback(capsys, m
     def bug(args):
         raise RuntimeError("an internal error")
 
-    monkeypatch.setitem(cli.COMMANDS, "report", (cli.COMMANDS["report"][0], bug))
+    monkeypatch.setitem(cli.COMMANDS, "report", cli.COMMANDS["report"]._replace(run=bug))
     with pytest.raises(RuntimeError, match="an internal error"):
         main(["report", "runs"])
 
@@ -113,3 +113,44 @@ def test_experiment_exits_non_zero_when_a_grid_point_has_no_result(capsys, tmp_p
     code, err = run_cli(capsys, "experiment", "quickstart.yaml", f"out_dir={tmp_path}", "--no-report")
     assert code == 1
     assert "MISSING push-v3/eva-r8-s0: running in process 4242" in err
+
+
+def test_collect_loads_its_config_from_yaml_overrides_and_flags(capsys, tmp_path: Path, monkeypatch) -> None:
+    import eva_rl.data.collect as collect
+
+    seen = []
+    monkeypatch.setattr(collect, "collect_tasks", lambda tasks, config: seen.append((tasks, config)) or [])
+    yaml_file = tmp_path / "collect.yaml"
+    yaml_file.write_text("episodes: 7\nnoise: 0.3\npolicy: random\n")
+    out = tmp_path / "datasets"
+    assert main(["collect", str(yaml_file), "seed=3", "--task", "reach-v3", "--noise", "0", "--out", str(out)]) == 0
+    [(tasks, config)] = seen
+    assert tasks == ["reach-v3"]
+    # the YAML's keys, then the overrides, then the flags; a flag not given leaves its key alone
+    assert (config.episodes, config.noise, config.policy, config.seed, config.out) == (7, 0.0, "random", 3, str(out))
+    assert config.workers == collect.CollectConfig().workers and config.overwrite is False
+    code, err = run_cli(capsys, "collect", "--task", "reach-v3", "episodes=0")
+    assert code == 2 and "episodes must be >= 1" in one_line_error(err)
+
+
+def test_evaluate_loads_its_config_from_yaml_overrides_and_flags(capsys, tmp_path: Path, monkeypatch) -> None:
+    import eva_rl.evaluate as evaluate
+
+    class Result:
+        def describe(self) -> str:
+            return "described"
+
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_reference",
+                        lambda kind, tasks, episodes, seed, **kw: seen.append((kind, tasks, episodes, seed, kw)) or Result())
+    yaml_file = tmp_path / "evaluate.yaml"
+    yaml_file.write_text("episodes: 3\nnum_envs: 2\nreference: expert\n")
+    assert main(["evaluate", "--config", str(yaml_file), "seed=9", "--tasks", "reach-v3", "--reference", "random",
+                 "--video-every", "2"]) == 0
+    [(kind, tasks, episodes, seed, kw)] = seen
+    assert (kind, tasks, episodes, seed) == ("random", ["reach-v3"], 3, 9)
+    assert kw["num_envs"] == 2 and kw["video_every"] == 2 and kw["asynchronous"] is False
+    config = evaluate.EvaluateConfig(model_dir="m", target_return=10.0, target_returns={"a": 1.0})
+    assert config.targets(["a", "b"]) == {"a": 1.0, "b": 10.0}
+    code, err = run_cli(capsys, "evaluate", "model", "--reference", "random")
+    assert code == 2 and "not both" in one_line_error(err)

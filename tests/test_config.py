@@ -125,3 +125,85 @@ def test_save_config_round_trip(tmp_path):
     assert config_to_dict(config) == {"optim": {"lr": 2e-4, "betas": [0.8, 0.95]}, "steps": 3, "name": "x",
                                       "tags": ["a"], "horizon": None}
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+# --- the config reference: `eva-rl COMMAND --print-config` ----------------------------------------
+
+@dataclass(frozen=True)
+class Documented:
+    # A comment above,
+    # on two lines.
+    above: int = 1
+    inline: str = "x"  # a comment at the end of the line
+    # Both kinds.
+    both: float = 0.5  # and this
+    # One comment for a pair of fields:
+    first: int = 0
+    second: int = 0
+
+    plain: bool = False
+
+
+def test_field_comments_are_read_from_the_source() -> None:
+    from eva_rl.config import field_comments
+
+    assert field_comments(Documented) == {
+        "above": "A comment above, on two lines.", "inline": "a comment at the end of the line",
+        "both": "Both kinds. And this", "first": "One comment for a pair of fields:",
+        "second": "One comment for a pair of fields:", "plain": ""}
+    assert field_comments(Run)["optim"] == "a nested section"
+
+
+def _printed_comments(text: str) -> dict[str, str]:
+    """{dotted key: the comment written above it} of --print-config's YAML (a group's comment repeats)."""
+    found: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    pending: list[str] = []
+    last = ""
+    for line in text.splitlines():
+        indent, body = len(line) - len(line.lstrip()), line.strip()
+        if body.startswith("# eva-rl"):
+            continue
+        if body.startswith("#"):
+            pending.append(body[1:].strip())
+            continue
+        key = body.split(":", 1)[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([name for _, name in stack] + [key])
+        last = " ".join(pending) if pending else last
+        found[path], pending = last, []
+        if body.endswith(":"):
+            stack.append((indent, key))
+    return found
+
+
+def _fields(cls: type, prefix: str = ""):
+    import dataclasses
+    import typing
+
+    from eva_rl.config import field_comments
+
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    for item in dataclasses.fields(cls):
+        yield prefix + item.name, comments[item.name], cls
+        kind = hints[item.name]
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            yield from _fields(kind, prefix + item.name + ".")
+
+
+@pytest.mark.parametrize("command", ["collect", "pretrain", "finetune", "evaluate", "experiment"])
+def test_print_config_writes_every_field_with_its_comment_and_reloads(command, capsys, tmp_path) -> None:
+    from eva_rl.cli import COMMANDS, main
+
+    assert main([command, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    cls = COMMANDS[command].config()
+    printed = _printed_comments(text)
+    for key, comment, owner in _fields(cls):
+        assert comment, f"{owner.__name__}.{key.rpartition('.')[2]} has no comment where it is declared"
+        assert printed.get(key) == comment, key
+    path = tmp_path / "defaults.yaml"
+    path.write_text(text)
+    required = ["model_dir=m"] if command == "evaluate" else []  # its one key without a usable default
+    assert load_config(cls, path, required) == load_config(cls, None, required)

@@ -21,8 +21,10 @@ def test_grid_expansion_and_names() -> None:
     assert points[0] == {"task": "task-a", "method": "fft", "rank": None, "seed": 0, "train.optim.lr": 1e-3}
     names = [run_name(p) for p in points]
     assert len(set(names)) == len(names)
-    assert names[0] == "task-a/fft-s0-train.optim.lr=0.001"
-    assert "task-b/eva-r8-s1-train.optim.lr=0.0001" in names
+    assert names[0] == "task-a/fft-s0-train.optim.lr-0.001"  # shell-safe: no "=", no quotes needed
+    assert "task-b/eva-r8-s1-train.optim.lr-0.0001" in names
+    assert run_name({"task": "t", "method": "eva", "rank": 4, "seed": 0, "train.optim.betas": [0.9, 0.99],
+                     "train.data.paths": ["/d/a b"]}) == "t/eva-r4-s0-train.optim.betas-0.9_0.99-train.data.paths-d_a_b"
     assert sum(p["method"] == "fft" for p in points) == 2 * 2 * 2
 
 
@@ -138,3 +140,29 @@ def test_pretraining_that_another_process_runs_stops_the_experiment_before_fine_
         other.kill()
         other.wait()
     assert not (tmp_path / "runs").exists()  # no fine-tuning run was started against a missing checkpoint
+
+
+def test_dotted_sweep_keys_from_the_command_line_are_one_key(tmp_path: Path) -> None:
+    from eva_rl.experiment import finetune_jobs
+
+    config = load_experiment(None, [f"out_dir={tmp_path}", "finetune.tasks=[push-v3]", "finetune.methods=[eva]",
+                                    "finetune.ranks=[4]", "finetune.sweep.eva.rho=[1.0, 2.0]"])
+    assert config.finetune.sweep == {"eva.rho": [1.0, 2.0]}
+    jobs = finetune_jobs(config, ["push-v3"], tmp_path / "model")
+    assert [job.name for job in jobs] == ["push-v3/eva-r4-s0-eva.rho-1.0", "push-v3/eva-r4-s0-eva.rho-2.0"]
+    assert [job.config["eva"]["rho"] for job in jobs] == [1.0, 2.0]
+    # a YAML's dotted sweep key and a command-line override of it: the override wins
+    yaml_file = tmp_path / "grid.yaml"
+    yaml_file.write_text("finetune:\n  tasks: [push-v3]\n  sweep:\n    eva.rho: [3.0]\n")
+    assert load_experiment(yaml_file, ["finetune.sweep.eva.rho=[1.0]"]).finetune.sweep == {"eva.rho": [1.0]}
+
+
+def test_runs_made_under_the_old_folder_names_are_still_found(tmp_path: Path) -> None:
+    from eva_rl.experiment import finetune_jobs
+
+    config = load_experiment(None, [f"out_dir={tmp_path}", "finetune.tasks=[push-v3]", "finetune.methods=[eva]",
+                                    "finetune.ranks=[4]", "finetune.sweep={eva.rho: [2.0, 3.0]}"])
+    (tmp_path / "runs" / "push-v3" / "eva-r4-s0-eva.rho=2.0").mkdir(parents=True)
+    jobs = finetune_jobs(config, ["push-v3"], tmp_path / "model")
+    assert [job.name for job in jobs] == ["push-v3/eva-r4-s0-eva.rho=2.0", "push-v3/eva-r4-s0-eva.rho-3.0"]
+    assert jobs[0].config["train"]["out_dir"] == str(tmp_path / "runs" / "push-v3" / "eva-r4-s0-eva.rho=2.0")
