@@ -326,9 +326,8 @@ class Progress:
 
         self.done, self.failed, self.running, self.skipped = skipped, 0, 0, skipped
         self.bar = tqdm(total=total, initial=skipped, desc=label, file=sys.stderr, disable=not enabled,
-                        dynamic_ncols=True, bar_format="[{desc}] {n_fmt}/{total_fmt} finished{postfix}, "
-                                                       "elapsed {elapsed}, ETA {remaining}")
-        self.bar.set_postfix_str(self._counts())
+                        dynamic_ncols=True, postfix=self._counts(),
+                        bar_format="[{desc}] {n_fmt}/{total_fmt} finished{postfix}, elapsed {elapsed}, ETA {remaining}")
 
     def update(self, running: int, finished: Iterable[JobResult] = ()) -> None:
         finished = list(finished)
@@ -339,9 +338,8 @@ class Progress:
                 self.done += 1
         if finished or running != self.running:
             self.running = running
-            self.bar.set_postfix_str(self._counts(), refresh=False)
-            self.bar.update(len(finished))
-            self.bar.refresh()
+            self.bar.set_postfix_str(self._counts(), refresh=not finished)
+            self.bar.update(len(finished))  # draws the line (at most every tqdm.mininterval; close draws the last)
 
     def _counts(self) -> str:
         skipped = f" ({self.skipped} already)" if self.skipped else ""
