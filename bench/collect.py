@@ -21,7 +21,6 @@ import numpy as np
 
 warnings.filterwarnings("ignore")
 
-import metaworld  # noqa: E402  (registers Meta-World's envs)
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
 from eva_rl.data.collect import CollectConfig, collect_task  # noqa: E402

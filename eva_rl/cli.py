@@ -159,7 +159,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # --- evaluate (policy owns this block) -----------------------------------------------------------
 
-_EVALUATE_FLAGS = ("model_dir", "tasks", "reference", "episodes", "seed", "num_envs", "horizon", "json", "video",
+_EVALUATE_FLAGS = ("model_dir", "tasks", "reference", "episodes", "seed", "num_envs", "horizon", "target_return_from",
+                   "json", "video",
                    "video_every", "bf16", "asynchronous", "base", "device", "progress")
 
 
@@ -178,6 +179,8 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--horizon", type=int, help="steps per episode (default: the suite's)")
     parser.add_argument("--target-return", action="append", default=[], metavar="[TASK=]VALUE",
                         help="raw target return, for all tasks or one (repeatable; default: the checkpoint's)")
+    parser.add_argument("--target-return-from", nargs="+", default=None, metavar="DATASET",
+                        help="condition each task on the best return in these datasets (ids or folders)")
     parser.add_argument("--json", default=None, metavar="OUT", help="key json_out: write episodes and aggregates to this JSON file")
     parser.add_argument("--video", default=None, metavar="DIR", help="key video_dir: record each task's first episode as DIR/<task>.mp4")
     parser.add_argument("--video-every", type=int, metavar="N", help="keep every N-th frame of the video")
@@ -225,7 +228,7 @@ def _load_evaluate_config(args: argparse.Namespace):
 @command("evaluate", _evaluate_args, config=_evaluate_config)
 def _evaluate(args: argparse.Namespace) -> int:
     from eva_rl.envs import resolve_tasks
-    from eva_rl.evaluate import evaluate, evaluate_reference, load_policy
+    from eva_rl.evaluate import dataset_target_returns, evaluate, evaluate_reference, load_policy
 
     config = _load_evaluate_config(args)
     if config.json_out:
@@ -239,13 +242,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--reference needs --tasks (task or suite names).")
         result = evaluate_reference(config.reference, list(config.tasks), config.episodes, config.seed, **common)
     else:
+        from_data = dataset_target_returns(config.target_return_from)
         if config.tasks:  # checked before the policy loads; else once it has named its tasks
-            config.targets(resolve_tasks(list(config.tasks)))
+            config.targets(resolve_tasks(list(config.tasks)), from_data)
         policy = load_policy(config.model_dir, base=config.base, device=config.device)
         tasks = list(config.tasks) or list(policy.metadata.tasks)
         if not tasks:
             raise ValueError(f"The checkpoint {config.model_dir!r} names no tasks; pass --tasks.")
-        result = evaluate(policy, tasks, config.episodes, config.seed, target_returns=config.targets(resolve_tasks(tasks)),
+        result = evaluate(policy, tasks, config.episodes, config.seed, target_returns=config.targets(resolve_tasks(tasks), from_data),
                           bf16=config.bf16, **common)
     print(result.describe())
     if config.json_out:

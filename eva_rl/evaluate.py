@@ -524,6 +524,9 @@ class EvaluateConfig:
     target_return: float | None = None
     # Raw target return per task (task -> value); wins over target_return for the tasks it names.
     target_returns: dict[str, float] = field(default_factory=dict)
+    # Minari dataset ids or folders whose best episode return becomes each of their tasks' target
+    # (what fine-tuning uses); target_return and target_returns win over it.
+    target_return_from: tuple[str, ...] = ()
     # Write the episodes and aggregates to this JSON file; None = no file.
     json_out: str | None = None
     # Record each task's first episode as <video_dir>/<task>.mp4; None = no video.
@@ -554,13 +557,29 @@ class EvaluateConfig:
         if self.model_dir is not None and self.reference is not None:
             raise ValueError("Give either MODEL_DIR (model_dir) or --reference (reference), not both.")
 
-    def targets(self, tasks: Sequence[str]) -> float | dict[str, float] | None:
-        """The `target_returns` argument of `evaluate` for `tasks` (already resolved from suites)."""
-        if not self.target_returns:
+    def targets(self, tasks: Sequence[str], from_data: Mapping[str, float] | None = None
+                ) -> float | dict[str, float] | None:
+        """The `target_returns` argument of `evaluate` for `tasks` (already resolved from suites);
+        `from_data` is `dataset_target_returns(target_return_from)`, the lowest precedence."""
+        from_data = {task: value for task, value in (from_data or {}).items() if task in tasks}
+        if self.target_return_from and not from_data:
+            raise ValueError(f"target_return_from {list(self.target_return_from)} holds none of the evaluated tasks "
+                             f"({', '.join(tasks)}); name a dataset of these tasks.")
+        if not self.target_returns and not from_data:
             return self.target_return
         stray = [task for task in self.target_returns if task not in tasks]
         if stray:  # a typo in a task name would otherwise be silently ignored
             raise ValueError(f"target_returns names {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} "
                              f"not evaluated (tasks: {', '.join(tasks)}). Fix the task name, or add it to tasks.")
-        fallback = {} if self.target_return is None else {task: self.target_return for task in tasks}
+        fallback = from_data if self.target_return is None else {task: self.target_return for task in tasks}
         return {**fallback, **self.target_returns}
+
+
+def dataset_target_returns(datasets: Sequence[str]) -> dict[str, float]:
+    """{task: best episode return in `datasets`} (raw units): the target fine-tuning conditions on."""
+    if not datasets:
+        return {}
+    from eva_rl.data.trajectories import load_trajectories
+
+    data = load_trajectories(list(datasets))
+    return {task: data.max_return(task) for task in data.task_names}

@@ -154,3 +154,22 @@ def test_evaluate_loads_its_config_from_yaml_overrides_and_flags(capsys, tmp_pat
     assert config.targets(["a", "b"]) == {"a": 1.0, "b": 10.0}
     code, err = run_cli(capsys, "evaluate", "model", "--reference", "random")
     assert code == 2 and "not both" in one_line_error(err)
+
+
+def test_evaluate_takes_its_target_returns_from_a_dataset(capsys, tmp_path: Path, monkeypatch) -> None:
+    import eva_rl.evaluate as evaluate
+    from tests.test_trajectories import make_episode, write_minari
+
+    directory = write_minari(tmp_path / "minari", "eva-rl/toy-v0", [make_episode(3), make_episode(4, value=2.0)])
+    # returns: 1+2+3 = 6 and 3+4+5+6 = 18; the best one is the target
+    assert evaluate.dataset_target_returns([str(directory)]) == {"toy-task": 18.0}
+    config = evaluate.EvaluateConfig(model_dir="m", target_return_from=(str(directory),))
+    assert config.targets(["toy-task", "other"], {"toy-task": 18.0}) == {"toy-task": 18.0}
+    given = evaluate.EvaluateConfig(model_dir="m", target_return_from=(str(directory),), target_returns={"toy-task": 5.0})
+    assert given.targets(["toy-task"], {"toy-task": 18.0}) == {"toy-task": 5.0}  # an explicit value wins
+    with pytest.raises(ValueError, match="holds none of the evaluated tasks"):
+        config.targets(["other"], {"toy-task": 18.0})
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_policy", lambda *a, **kw: loaded.append(a) or pytest.fail("loaded the policy"))
+    code, err = run_cli(capsys, "evaluate", tmp_path / "model", "--tasks", "reach-v3", "--target-return-from", directory)
+    assert code == 2 and "holds none of the evaluated tasks" in one_line_error(err) and not loaded

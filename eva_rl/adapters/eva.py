@@ -110,7 +110,8 @@ class EvaReport:
         ax.set_xticklabels([n.removeprefix("encoder.") for n in names], rotation=90, fontsize=7)
         ax.set_ylabel("rank")
         ax.set_title(f"EVA rank allocation (rho = {self.rho:g})")
-        ax.legend(fontsize=7)
+        # outside the axes: inside, the legend covered the tallest bars
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
