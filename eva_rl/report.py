@@ -13,11 +13,7 @@ tree of fine-tuning runs), and writes, into `RUNS_DIR/report/`:
 - PNG plots: each measure vs fine-tuning steps per method (mean over tasks ± standard error
   over seeds, as in the tables), EVA's rank per layer, trainable parameters vs success; and a tensorboard hparams view (`tb_hparams/`).
 
-The statistics are the ones `rliable` (Agarwal et al., 2021) computes, written out here
-because rliable pulls arch, statsmodels, pandas and seaborn into the install for four lines of
-numpy: IQM is scipy's 25%-trimmed mean over all task x seed scores, and the stratified bootstrap
-resamples seeds with replacement within each task (rliable's `StratifiedBootstrap`), taking the
-2.5/97.5 percentiles of the statistic.
+The statistics (standard errors, IQM, bootstrap, Wilson intervals, power) come from `eva_rl.stats`.
 """
 
 from __future__ import annotations
@@ -28,10 +24,12 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy.stats import trim_mean
+
+from eva_rl.stats import MeanStderr as Cell
+from eva_rl.stats import iqm, mean_stderr, stratified_bootstrap_ci
 
 # The EVA paper's row order (its Meta-World table); methods it does not list follow, sorted.
 METHOD_ORDER = ("fft", "lora", "adalora", "pissa", "olora", "eva", "dora", "eva_dora")
@@ -76,15 +74,6 @@ class RunRecord:
         """The run's final value of a measure (NaN when the run did not record it)."""
         value = (self.metrics.get("final") or {}).get(MEASURES[measure].final_key)
         return float(value) if value is not None else math.nan
-
-
-@dataclass(frozen=True)
-class Cell:
-    """Mean and standard error over seeds; stderr is NaN with fewer than two values."""
-
-    mean: float
-    stderr: float
-    n: int
 
 
 @dataclass(frozen=True)
@@ -237,34 +226,6 @@ def _variant_order(runs: Sequence[RunRecord]) -> tuple[str, ...]:
 
 # --- statistics ----------------------------------------------------------------------------------
 
-def mean_stderr(values: Iterable[float]) -> Cell:
-    """Mean and standard error (sample std / sqrt(n)) of the finite values."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return Cell(math.nan, math.nan, 0)
-    stderr = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
-    return Cell(float(x.mean()), stderr, int(x.size))
-
-
-def iqm(values: np.ndarray) -> float:
-    """Interquartile mean: the mean of the middle 50% (rliable's `aggregate_iqm`)."""
-    return float(trim_mean(np.asarray(values, dtype=np.float64), proportiontocut=0.25, axis=None))
-
-
-def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: Callable[[np.ndarray], np.ndarray],
-                            *, n_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile CI of `statistic` over all scores, resampling seeds within each task.
-
-    scores_per_task: one 1-D array of run scores per task. statistic maps (n_bootstrap, n_scores)
-    to (n_bootstrap,). Tasks keep their number of runs in every resample, as rliable does.
-    """
-    rng = np.random.default_rng(seed)
-    samples = [s[rng.integers(0, s.size, size=(n_bootstrap, s.size))] for s in scores_per_task if s.size]
-    stats = statistic(np.concatenate(samples, axis=1))
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
     """Variants x tasks of `measure` (mean +- stderr over seeds), and the average over tasks
     (`suite_average`)."""
@@ -327,7 +288,7 @@ def aggregate_scores(runs: Sequence[RunRecord], measure: str = "success", *, n_b
         groups = [np.asarray(per_task[t], dtype=np.float64) for t in sorted(per_task)]
         flat = np.concatenate(groups)
         mean_ci = stratified_bootstrap_ci(groups, lambda s: s.mean(axis=1), n_bootstrap=n_bootstrap, seed=seed)
-        iqm_ci = stratified_bootstrap_ci(groups, lambda s: trim_mean(s, 0.25, axis=1), n_bootstrap=n_bootstrap,
+        iqm_ci = stratified_bootstrap_ci(groups, lambda s: iqm(s, axis=1), n_bootstrap=n_bootstrap,
                                          seed=seed)
         result.append(Aggregate(v, measure, int(flat.size), len(groups), float(flat.mean()), mean_ci,
                                 iqm(flat), iqm_ci))
