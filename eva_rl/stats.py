@@ -61,6 +61,31 @@ def mean_stderr(values: Iterable[float | None]) -> MeanStderr:
     return MeanStderr(float(x.mean()), stderr, int(x.size))
 
 
+def suite_average(points: Iterable[tuple[int, str, float | None]]) -> MeanStderr:
+    """The average over tasks of (seed, task, value) points: the mean of the per-task means.
+
+    Its standard error follows the EVA paper's "mean +- standard error over seeds": when every
+    seed ran the same tasks, average over tasks within each seed and take the error across seeds.
+    Otherwise (an unfinished grid) the per-task errors are combined as independent
+    (sqrt(sum se^2) / n_tasks); single-seed tasks add nothing.
+    """
+    by_task: dict[str, list[float]] = {}
+    by_seed: dict[int, dict[str, float]] = {}
+    for seed, task, value in points:
+        if value is not None and math.isfinite(value):
+            by_task.setdefault(task, []).append(value)
+            by_seed.setdefault(seed, {})[task] = value
+    if not by_task:
+        return MeanStderr(math.nan, math.nan, 0)
+    row = [mean_stderr(values) for values in by_task.values()]
+    if len(by_seed) >= 2 and len({frozenset(values) for values in by_seed.values()}) == 1:
+        stderr = mean_stderr(np.mean(list(values.values())) for values in by_seed.values()).stderr
+    else:
+        errors = [c.stderr for c in row if math.isfinite(c.stderr)]
+        stderr = math.sqrt(sum(e * e for e in errors)) / len(row) if errors else math.nan
+    return MeanStderr(float(np.mean([c.mean for c in row])), stderr, sum(c.n for c in row))
+
+
 def iqm(values: Sequence[float] | np.ndarray, axis: int | None = None) -> float | np.ndarray:
     """Interquartile mean: the mean after dropping floor(n / 4) values at each end.
 
@@ -137,8 +162,8 @@ class PairedDifference:
 
     @property
     def resolved(self) -> bool:
-        """The difference is at least the MDE (False when the MDE is not defined)."""
-        return math.isfinite(self.mde80) and abs(self.mean) >= self.mde80
+        """A nonzero difference at least the MDE (False when the MDE is not defined)."""
+        return math.isfinite(self.mde80) and abs(self.mean) >= self.mde80 and self.mean != 0
 
 
 def paired_difference(differences: Iterable[float | None]) -> PairedDifference:
@@ -147,7 +172,7 @@ def paired_difference(differences: Iterable[float | None]) -> PairedDifference:
     summary = mean_stderr(d)
     sd = float(d.std(ddof=1)) if d.size > 1 else math.nan
     p_value = math.nan
-    if d.size > 1 and sd > 0:
+    if d.size > 1 and sd > 1e-12 * max(1.0, abs(summary.mean)):  # equal differences up to rounding: no test
         p_value = float(scipy_stats.ttest_1samp(d, 0.0).pvalue)
     return PairedDifference(summary.n, summary.mean, summary.stderr, sd, minimum_detectable_difference(sd, d.size),
                             p_value)
