@@ -162,10 +162,12 @@ def _save_figure(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title:
 
 
 def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
-    """One tensorboard hparams entry per run: its grid point and final measures."""
+    """One tensorboard hparams entry per run: its grid point, the settings that differ between
+    runs, and its final measures."""
     runs = [r for r in runs if r.kind == "finetune"]
     if not runs:
         return None
+    columns = setting_columns(runs)
     from torch.utils.tensorboard import SummaryWriter
 
     if log_dir.is_dir():
@@ -173,7 +175,7 @@ def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
     with SummaryWriter(log_dir=str(log_dir)) as writer:
         for r in runs:
             hparams: dict[str, Any] = {"task": str(r.task), "seed": r.seed, "method": str(r.method)}
-            for key, value in {**r.point, **{k: r.settings[k] for k in setting_columns(runs) if k in r.settings}}.items():
+            for key, value in {**r.point, **{k: r.settings[k] for k in columns if k in r.settings}}.items():
                 hparams[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
             final = {f"final/{m}": run_value(r, m) for m in MEASURES if math.isfinite(run_value(r, m))}
             final["final/trainable_params"] = float(r.metrics.get("trainable_params") or 0)

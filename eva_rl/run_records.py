@@ -225,13 +225,13 @@ def applies(key: str, method: str | None) -> bool:
 
 
 def _differ(runs: Sequence[RunRecord], key: str, group: Any) -> bool:
-    """Two runs in one group (by `group(run)`) hold different non-None values of `key`."""
+    """Two runs in one group (by `group(run)`) hold different values of `key`; a run without the
+    key (older config, or not a grid key there) holds none. None is a value (e.g. all episodes)."""
     seen: dict[Any, str] = {}
     for r in runs:
-        value = r.settings.get(key)
-        if value is None:
+        if key not in r.settings:
             continue
-        text = json.dumps(value, sort_keys=True, default=str)
+        text = json.dumps(r.settings[key], sort_keys=True, default=str)
         g = group(r)
         if seen.setdefault(g, text) != text:
             return True
@@ -256,8 +256,8 @@ def variant_label(run: RunRecord, keys: Sequence[str], *, show_rank: bool) -> st
     parts = [str(run.method)]
     if show_rank and run.rank is not None:
         parts.append(f"r={run.rank}")
-    parts += [f"{k}={value_text(run.settings[k])}" for k in keys
-              if applies(k, run.method) and run.settings.get(k) is not None]
+    parts += [f"{k}={size_text(run.settings[k]) if k == DATA_SIZE_KEY else value_text(run.settings[k])}"
+              for k in keys if applies(k, run.method) and k in run.settings]
     return " ".join(parts)
 
 

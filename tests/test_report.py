@@ -435,7 +435,7 @@ def test_data_size_results(tmp_path: Path) -> None:
                 write_new_run(tmp_path, method, "a", seed, {0: [0, 0, 0, 0], 100: rate}, loss=0.1 * (seed + 1),
                               name=f"{method}-s{seed}-n{size}", config={"train.data.episodes": size})
     runs = load_runs(tmp_path)
-    assert "eva train.data.episodes=5" in {r.variant for r in runs}
+    assert {"eva train.data.episodes=5", "lora train.data.episodes=all"} <= {r.variant for r in runs}
     groups, sizes, cells = report.data_size_table(runs)
     assert groups == ["lora", "eva"] and sizes == [5, 10, None]
     assert cells[("eva", "success", 10)].mean == pytest.approx(0.5)
