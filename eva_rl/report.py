@@ -102,9 +102,10 @@ def missing_lines(runs: Sequence[RunRecord]) -> list[str]:
     lines = []
     no_base = sum(1 for r in runs if r.evaluation(0) is None)
     if no_base:
+        consequence = ("no base row, and curve areas span the evaluated steps only" if no_base == len(runs)
+                       else f"the base row rests on the other {len(runs) - no_base}")
         lines.append(f"{no_base} of {len(runs)} runs have no step-0 evaluation (recorded since the base policy "
-                     f"is evaluated before the first update): the base row and the curve area from step 0 "
-                     f"rest on the others" + (" and are missing." if no_base == len(runs) else "."))
+                     f"is evaluated before the first update): {consequence}.")
     no_counts = sum(1 for r in runs if r.episode_counts() is None)
     if no_counts:
         lines.append(f"{no_counts} of {len(runs)} runs record no per-task episode counts: no Wilson interval "
@@ -128,8 +129,9 @@ def basis_lines(table: Table, runs: Sequence[RunRecord], *, episodes: bool) -> l
     lines = [text + "."]
     few = [v for v, n in seeds.items() if n < 3]
     if few:
+        wilson = "; the bracketed Wilson interval is episode sampling alone" if table.episodes else ""
         lines.append(f"**Warning: fewer than 3 seeds** for {', '.join(few)}: their ± is a standard error from "
-                     f"1-2 values (blank with one); the bracketed Wilson interval is episode sampling alone.")
+                     f"1-2 values (blank with one){wilson}.")
     return lines
 
 

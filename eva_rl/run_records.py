@@ -57,7 +57,9 @@ class RunRecord:
     scores: dict[str, float] = field(default_factory=dict)  # measures computed from curves (success_auc, ...)
 
     def final(self, key: str) -> float:
-        """A curve score (in `scores`) or a value of metrics.json's "final" (NaN when not recorded)."""
+        """The run's final value of a measure (a name in `MEASURES`) or of a key of metrics.json's
+        "final" or of `scores` (NaN when not recorded)."""
+        key = MEASURES[key].key if key in MEASURES else key
         if key in self.scores:
             return self.scores[key]
         value = (self.metrics.get("final") or {}).get(key)

@@ -17,7 +17,7 @@
 
   with sd the standard deviation of the n paired differences. This is the usual approximation
   to the paired t-test's power (the normal version (z_{0.975} + z_{0.8}) * sd / sqrt(n) =
-  2.80 sd / sqrt(n) is its large-n limit; at n = 4 the t version is 1.6x larger, which is the
+  2.80 sd / sqrt(n) is its large-n limit; at n = 4 the t version is 1.5x larger, which is the
   honest size of what four pairs can resolve).
 - Variance decomposition of paired success differences d[task, seed] (one-way random effects
   by the method of moments): episode sampling (the variance of each cell's difference that

@@ -478,7 +478,7 @@ def test_old_format_runs_still_report(runs_dir: Path) -> None:
         metrics_path.write_text(json.dumps(metrics))
     result = write_report(runs_dir, n_bootstrap=50, plots=False, tensorboard=False)
     assert report.BASE not in result.tables["success"].variants
-    assert "9 of 9 runs have no step-0 evaluation" in result.markdown
+    assert "9 of 9 runs have no step-0 evaluation" in result.markdown and "no base row" in result.markdown
     assert "9 of 9 runs predate the recorded evaluation protocol" in result.markdown
     assert "9 of 9 runs record no per-task episode counts" in result.markdown
     assert "an unrecorded number of evaluation episodes" in result.markdown
