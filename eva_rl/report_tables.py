@@ -160,8 +160,10 @@ def _base_points(runs: Sequence[RunRecord], measure: str) -> list[tuple[int, str
 
 
 def _episode_table(runs: Sequence[RunRecord], tasks: Sequence[str]) -> dict[tuple[str, str], tuple[int, int]]:
-    """Episode counts pooled over seeds per (variant, task) and over tasks per (variant, "average");
-    the base row pools one step-0 evaluation per (task, seed)."""
+    """Episode counts pooled over seeds per (variant, task) and over tasks per (variant, "average").
+
+    The base row counts each distinct step-0 evaluation of a task once: the same pretrained
+    policy on the same starts gives the same episodes in every run, and repeats are no evidence."""
     counts: dict[tuple[str, str], list[int]] = {}
 
     def add(variant: str, task: str, k: int, n: int) -> None:
@@ -176,8 +178,9 @@ def _episode_table(runs: Sequence[RunRecord], tasks: Sequence[str]) -> dict[tupl
         if final:
             add(r.variant, str(r.task), final[0], final[1])
         start = r.episode_counts(0)
-        if start and (r.task, r.seed) not in base_seen:
-            base_seen.add((r.task, r.seed))
+        seen = (r.task, start[0], start[1], tuple(start[2] or ())) if start else None
+        if start and seen not in base_seen:
+            base_seen.add(seen)
             add(BASE, str(r.task), start[0], start[1])
     return {key: (k, n) for key, (k, n) in counts.items()}
 

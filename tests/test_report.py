@@ -357,6 +357,8 @@ def test_base_row_wilson_curve_csv_and_protocol(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12 * 3 and {r["step"] for r in rows} == {"0", "50", "100"}
     assert all(r["successes"] == "1" and r["episodes"] == "4" for r in rows if r["step"] == "0")
+    # the base policy's step 0 is the same 4 episodes in all 6 runs of a task: counted once, not 6 times
+    assert success.episodes[(report.BASE, "a")] == (1, 4) and success.episodes[(report.BASE, "average")] == (2, 8)
     with open(tmp_path / "report" / "success.csv") as handle:
         csv_rows = {row["method"]: row for row in csv.DictReader(handle)}
     assert float(csv_rows["lora"]["a wilson_low"]) == pytest.approx(low)
