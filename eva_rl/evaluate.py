@@ -13,7 +13,7 @@ Protocol (the same for every agent, so numbers compare):
 - an episode succeeds if `info["success"]` was true at any of its steps.
 
 Aggregates (per task and over the suite, for success, return and length) come from
-`summarize(values)`: mean, standard error, interquartile mean, seeded bootstrap 95% CI.
+`summarize(values)`: mean, standard error, interquartile mean, seeded bootstrap 95% CI (`eva_rl.stats`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from eva_rl import stats
 from eva_rl.storage import atomic_path, write_text_atomic
 from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
@@ -43,27 +44,22 @@ _MEASURES = ("success", "return", "length")
 # ------------------------------------------------------------------------------------------------
 
 def interquartile_mean(values: Sequence[float] | np.ndarray) -> float:
-    """Mean of the middle 50%: drops floor(n/4) values at each end (scipy's trim_mean(x, 0.25))."""
-    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
-    cut = int(0.25 * x.size)
-    return float(x[cut: x.size - cut].mean())
+    """Mean of the middle 50%: drops floor(n/4) values at each end (`eva_rl.stats.iqm`)."""
+    return stats.iqm(np.asarray(values, dtype=np.float64).reshape(-1))
 
 
 def summarize(values: Sequence[float] | np.ndarray, *, n_bootstrap: int = 2000, seed: int = 0) -> dict[str, float]:
-    """mean, stderr (sample std / sqrt(n); 0 for one value), iqm, and the percentile bootstrap
-    95% CI of the mean (`n_bootstrap` resamples from a generator seeded with `seed`), n."""
+    """mean, stderr (`eva_rl.stats.mean_stderr`: sample std / sqrt(n), NaN for one value), iqm, and
+    the percentile bootstrap 95% CI of the mean (`n_bootstrap` resamples seeded with `seed`), n."""
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     if x.size == 0:
         raise ValueError("summarize needs at least one value, got none.")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"summarize got non-finite values: {x[~np.isfinite(x)][:5].tolist()}.")
-    n = int(x.size)
-    stderr = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, n, size=(n_bootstrap, n))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(x.mean()), "stderr": stderr, "iqm": interquartile_mean(x),
-            "ci95_low": float(low), "ci95_high": float(high), "n": n}
+    summary = stats.mean_stderr(x)
+    low, high = stats.stratified_bootstrap_ci([x], lambda s: s.mean(axis=1), n_bootstrap=n_bootstrap, seed=seed)
+    return {"mean": summary.mean, "stderr": summary.stderr, "iqm": interquartile_mean(x),
+            "ci95_low": low, "ci95_high": high, "n": summary.n}
 
 
 @dataclass(frozen=True)

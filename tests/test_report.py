@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy.stats import trim_mean
 
-from eva_rl import report
+from eva_rl import report, report_plots, report_tables, run_records, stats
 from eva_rl.report import (aggregate_scores, load_runs, mean_stderr, metric_table, paired_comparisons,
                            stratified_bootstrap_ci, write_report)
+from eva_rl.run_records import run_value
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,7 +67,7 @@ def test_table_cells_are_mean_and_stderr_over_seeds(runs_dir: Path) -> None:
     runs = load_runs(runs_dir)
     assert len(runs) == 9
     table = metric_table(runs, "success")
-    assert table.variants == ("fft", "lora", "eva")  # the paper's row order
+    assert table.variants == (report.BASE, "fft", "lora", "eva")  # the base policy, then the paper's row order
     assert table.tasks == ("task-a", "task-b")
     a = table.cells[("lora", "task-a")]
     assert a.n == 2 and a.mean == pytest.approx(0.6) and a.stderr == pytest.approx(0.1)
@@ -173,7 +175,7 @@ def test_write_report_files_plots_and_hparams(runs_dir: Path) -> None:
     assert float(rows["lora"]["task-a stderr"]) == pytest.approx(0.1)
     assert float(rows["eva"]["average"]) == pytest.approx(0.5)
     assert rows["fft"]["task-b"] == "" and rows["fft"]["task-a stderr"] == ""
-    assert "## Paired differences" in result.markdown and "| eva | lora | success | 4 | +0.05 ± 0.05 | 3/4 |" in result.markdown
+    assert "## Paired differences" in result.markdown and "| eva | lora | success | 4 (2 × 2) | +0.05 ± 0.05 | 0.21 | below the MDE | 3/4 |" in result.markdown
     assert list((out / "tb_hparams").rglob("events.out.tfevents.*"))
     assert report.read_eva_ranks(runs_dir / "task-b__eva__s0") is None
     table = report.summary_table(result)
@@ -190,7 +192,7 @@ def test_a_report_of_a_subset_of_the_runs(runs_dir: Path) -> None:
     assert "4 fine-tuning runs" in result.markdown
     with open(runs_dir / "report-lite" / "success.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"lora", "eva"} and "task-b" not in rows["lora"]
+    assert set(rows) == {report.BASE, "lora", "eva"} and "task-b" not in rows["lora"]
     assert float(rows["lora"]["task-a"]) == pytest.approx(0.6)
     assert len(load_runs(runs_dir)) == len(FINALS)
     write_run(runs_dir / "report-lite", "lora", "task-c", 0, 0.0, 9.0, 9.0)  # a report folder is never runs
@@ -218,7 +220,7 @@ def test_an_experiment_reports_its_own_runs_into_its_report_dir(tmp_path: Path, 
     assert "Report: runs/cw10-cpu/report-lite/report.md" in capsys.readouterr().out
     with open(out / "report-lite" / "success.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"lora", "eva"} and "task-a" not in rows["lora"]
+    assert set(rows) == {report.BASE, "lora", "eva"} and "task-a" not in rows["lora"]
     assert float(rows["lora"]["task-b"]) == pytest.approx(0.3)
     assert not (out / "report").exists()
 
@@ -246,13 +248,13 @@ def test_success_measured_once_is_drawn_as_bars(tmp_path: Path, monkeypatch) -> 
         metrics["eval"] = metrics["eval"][-1:]  # evaluated only at the end
         (run / "metrics.json").write_text(json.dumps(metrics))
     drawn = {}
-    real_save = report._save_figure
+    real_save = report_plots._save_figure
 
     def save(fig, ax, path, *args, **kwargs):
         drawn["bars"], drawn["lines"] = len(ax.patches), len(ax.lines)
         return real_save(fig, ax, path, *args, **kwargs)
 
-    monkeypatch.setattr(report, "_save_figure", save)
+    monkeypatch.setattr(report_plots, "_save_figure", save)
     path = report.plot_curves(load_runs(tmp_path), "success", tmp_path / "success.png")
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     assert drawn["bars"] == 2
@@ -266,3 +268,225 @@ def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_runs(tmp_path / "missing")
     assert mean_stderr([]).n == 0
+
+
+# --- the new metrics.json: step 0, per-task episodes, protocol; settings from config.yaml ---------
+
+PROTOCOL = {"seed": 1_000_000, "episodes": 4, "num_envs": 2, "horizon": 200, "steps": [0, 50, 100]}
+
+
+def write_new_run(root: Path, method: str, task: str, seed: int, flags: dict[int, list[int]], *,
+                  rank: int | None = 4, config: dict | None = None, point: dict | None = None,
+                  loss: float = 0.2, name: str | None = None) -> Path:
+    """A run in the current format: `flags` maps each evaluated step to per-episode successes."""
+    run_dir = root / task / (name or f"{method}-s{seed}")
+    run_dir.mkdir(parents=True)
+    evals = []
+    for step, episode_success in sorted(flags.items()):
+        k, n = sum(episode_success), len(episode_success)
+        evals.append({"step": step, "success_rate": k / n, "success_stderr": 0.1, "return_mean": 10.0 * k,
+                      "return_stderr": 1.0, "episodes": n,
+                      "per_task": {task: {"success_rate": k / n, "successes": k, "episodes": n, "return_mean": 10.0 * k,
+                                          "episode_success": episode_success}}})
+    final = evals[-1]
+    metrics = {
+        "kind": "finetune", "task": task, "method": method, "rank": None if method == "fft" else rank, "seed": seed,
+        "trainable_params": 1000, "total_params": 100_000, "train_seconds": 1.0, "eva_seconds": None,
+        "train_loss": [[0, 1.0], [100, loss]], "val_action_error": [[0, 0.5], [100, loss / 2]], "eval": evals,
+        "eval_protocol": {**PROTOCOL, "target_returns": {task: 4500.0}},
+        "final": {"success_rate": final["success_rate"], "return_mean": final["return_mean"], "train_loss": loss,
+                  "val_action_error": loss / 2},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    resolved = {"method": method, "rank": rank, "target_modules": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+                "eva": {"rho": 1.0}, "train": {"seed": seed, "out_dir": str(run_dir),
+                                               "optim": {"lr": 1e-4}, "data": {"paths": [f"/data/{task}"], "episodes": None}}}
+    for key, value in (config or {}).items():  # dotted overrides
+        *parents, last = key.split(".")
+        node = resolved
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved))
+    if point is not None:
+        (run_dir / "run.json").write_text(json.dumps({"point": point, "status": "done"}))
+    return run_dir
+
+
+def test_curve_area_and_steps_to_fraction_on_hand_curves() -> None:
+    rising = [(0, 0.0), (50, 0.5), (100, 1.0)]
+    assert run_records.curve_auc(rising) == pytest.approx((50 * 0.25 + 50 * 0.75) / 100)
+    assert run_records.steps_to_fraction(rising, 0.9) == 100 and run_records.steps_to_fraction(rising, 0.5) == 50
+    early = [(0, 0.2), (100, 0.8), (200, 1.0), (300, 1.0)]
+    assert run_records.curve_auc(early) == pytest.approx((100 * 0.5 + 100 * 0.9 + 100 * 1.0) / 300)
+    assert run_records.steps_to_fraction(early, 0.2) == 0  # the base policy already has a fifth of it
+    assert math.isnan(run_records.steps_to_fraction([(0, 0.0), (100, 0.0)]))  # nothing to reach
+    assert math.isnan(run_records.curve_auc([(100, 0.5)]))
+    with pytest.raises(ValueError, match="fraction must lie"):
+        load_runs(Path("."), fraction=1.5)
+
+
+def _grid(tmp_path: Path, seeds=(0, 1, 2)) -> Path:
+    """lora and eva on two tasks; step 0 is the same base policy (1 of 4) on every run."""
+    base = [1, 0, 0, 0]
+    finals = {("lora", "a"): [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]],
+              ("eva", "a"): [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]],
+              ("lora", "b"): [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]],
+              ("eva", "b"): [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]}
+    for (method, task), per_seed in finals.items():
+        for seed in seeds:
+            write_new_run(tmp_path, method, task, seed, {0: base, 50: per_seed[seed][:2] + [0, 0], 100: per_seed[seed]})
+    return tmp_path
+
+
+def test_base_row_wilson_curve_csv_and_protocol(tmp_path: Path) -> None:
+    result = write_report(_grid(tmp_path), n_bootstrap=50, plots=False, tensorboard=False)
+    success = result.tables["success"]
+    assert success.variants[0] == report.BASE
+    assert success.average[report.BASE].mean == pytest.approx(0.25)
+    assert result.tables["return"].cells[(report.BASE, "a")].mean == pytest.approx(10.0)
+    # episode-level Wilson beside the across-seed error: lora on task a pooled 2 + 1 + 3 of 12 episodes
+    assert success.episodes[("lora", "a")] == (6, 12)
+    low, high = stats.wilson_interval(6, 12)
+    assert f"0.50 ± 0.14 [{low:.2f}, {high:.2f}]" in success.to_markdown()
+    assert "Evaluation protocol: seed 1000000, 4 episodes per task on 2 envs, horizon 200" in result.markdown
+    assert "Target returns: a 4500, b 4500." in result.markdown
+    assert "Rests on 2 tasks × 3 seeds per cell × 4 evaluation episodes per task and run." in result.markdown
+    assert "fewer than 3 seeds" not in result.markdown and "predate" not in result.markdown
+    with open(tmp_path / "report" / "success_curve.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 * 3 and {r["step"] for r in rows} == {"0", "50", "100"}
+    assert all(r["successes"] == "1" and r["episodes"] == "4" for r in rows if r["step"] == "0")
+    # the base policy's step 0 is the same 4 episodes in all 6 runs of a task: counted once, not 6 times
+    assert success.episodes[(report.BASE, "a")] == (1, 4) and success.episodes[(report.BASE, "average")] == (2, 8)
+    with open(tmp_path / "report" / "success.csv") as handle:
+        csv_rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert float(csv_rows["lora"]["a wilson_low"]) == pytest.approx(low)
+
+
+def test_paired_mde_and_variance_decomposition(tmp_path: Path) -> None:
+    result = write_report(_grid(tmp_path), n_bootstrap=50, plots=False, tensorboard=False)
+    runs = load_runs(tmp_path)
+    paired = {(p.variant, p.measure): p for p in result.paired}
+    diffs = [run_value(e, "success") - run_value(lo, "success") for e in runs if e.method == "eva"
+             for lo in runs if lo.method == "lora" and (lo.task, lo.seed) == (e.task, e.seed)]
+    success = paired[("eva", "success")]
+    assert success.n_pairs == 6 and (success.n_tasks, success.n_seeds, success.episodes) == (2, 3, 4)
+    assert success.mean_diff == pytest.approx(np.mean(diffs))
+    assert success.mde80 == pytest.approx(stats.minimum_detectable_difference(np.std(diffs, ddof=1), 6))
+    assert success.verdict == "below the MDE" and "Below the MDE (final success): eva vs lora" in result.markdown
+    assert {"success_auc", "steps_to_fraction"} <= {m for _, m in paired}
+    with open(tmp_path / "report" / "paired.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if (r["method"], r["measure"]) == ("eva", "success"))
+    assert float(row["mde80"]) == pytest.approx(success.mde80) and row["verdict"] == "below the MDE"
+    (resolution,) = result.resolutions
+    # episode part of one cell by hand: eva a s0 [1,1,1,0] vs lora [1,1,0,0] -> diffs [0,0,1,0]: var 0.25 / 4
+    cell = report_tables._paired_cell(*next((e, lo) for e in runs for lo in runs if e.method == "eva" and lo.method == "lora"
+                                     and (e.task, e.seed, lo.task, lo.seed) == ("a", 0, "a", 0)))
+    assert cell.episode_variance == pytest.approx(0.25 / 4)
+    assert resolution.parts.total == pytest.approx(np.var(diffs, ddof=1))
+    assert resolution.grids == stats.grids_for_mde(resolution.parts, 0.05, tasks=2, seeds=3, episodes=4)
+    assert "### What the success comparisons can resolve" in result.markdown and "an MDE of 0.05 needs" in result.markdown
+
+
+def test_fewer_than_three_seeds_is_a_warning(tmp_path: Path) -> None:
+    result = write_report(_grid(tmp_path, seeds=(0, 1)), n_bootstrap=50, plots=False, tensorboard=False)
+    assert "**Warning: fewer than 3 seeds** for lora, eva" in result.markdown
+
+
+def test_configs_differing_in_target_modules_get_distinct_rows_and_columns(tmp_path: Path) -> None:
+    flags = {0: [0, 0], 100: [1, 0]}
+    for seed in (0, 1):
+        write_new_run(tmp_path, "lora", "a", seed, flags)
+        write_new_run(tmp_path, "eva", "a", seed, flags)  # every module
+        write_new_run(tmp_path, "eva", "a", seed, {0: [0, 0], 100: [1, 1]}, name=f"eva-attn-s{seed}",
+                      config={"target_modules": ["c_attn"]})
+        write_new_run(tmp_path, "fft", "a", seed, flags, config={"train.optim.lr": 1e-5})
+        write_new_run(tmp_path, "lora", "b", seed, flags)  # another task: other data paths, not a setting
+    runs = load_runs(tmp_path)
+    labels = {r.variant for r in runs}
+    assert labels == {"fft", "lora target_modules=c_attn,attn.c_proj,c_fc,mlp.c_proj",
+                      "eva target_modules=c_attn,attn.c_proj,c_fc,mlp.c_proj", "eva target_modules=c_attn"}
+    result = write_report(tmp_path, n_bootstrap=50, plots=False, tensorboard=False)
+    with open(tmp_path / "report" / "runs.csv") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert {"target_modules", "train.optim.lr"} <= set(reader.fieldnames)
+    assert not {"train.out_dir", "train.data.paths", "train.seed"} & set(reader.fieldnames)
+    assert {r["target_modules"] for r in rows if r["method"] == "eva"} == {"c_attn", "c_attn,attn.c_proj,c_fc,mlp.c_proj"}
+    assert {r["train.optim.lr"] for r in rows if r["method"] == "fft"} == {"1e-05"}
+    pairs = {(p.variant, p.baseline) for p in result.paired if p.measure == "success"}
+    assert ("eva target_modules=c_attn,attn.c_proj,c_fc,mlp.c_proj", "lora") in pairs
+    assert ("eva target_modules=c_attn", "lora") not in pairs  # lora never ran attention-only
+    assert ("eva target_modules=c_attn", "fft") in pairs  # fft has no target modules; its own lr names no row
+
+
+def test_a_single_valued_sweep_stays_in_the_label(tmp_path: Path) -> None:
+    flags = {0: [0, 0], 100: [1, 0]}
+    write_new_run(tmp_path, "eva", "a", 0, flags, point={"task": "a", "method": "eva", "rank": 4, "seed": 0,
+                                                          "eva.rho": 2.0}, config={"eva.rho": 2.0})
+    write_new_run(tmp_path, "eva", "a", 0, flags, name="plain", config={"eva.rho": 1.0})
+    write_new_run(tmp_path, "lora", "a", 0, flags)
+    assert sorted(r.variant for r in load_runs(tmp_path)) == ["eva eva.rho=1", "eva eva.rho=2", "lora"]
+
+
+def test_data_size_results(tmp_path: Path) -> None:
+    for size, rate in ((5, [1, 0, 0, 0]), (10, [1, 1, 0, 0]), (None, [1, 1, 1, 0])):
+        for method in ("lora", "eva"):
+            for seed in (0, 1, 2):
+                write_new_run(tmp_path, method, "a", seed, {0: [0, 0, 0, 0], 100: rate}, loss=0.1 * (seed + 1),
+                              name=f"{method}-s{seed}-n{size}", config={"train.data.episodes": size})
+    runs = load_runs(tmp_path)
+    assert {"eva train.data.episodes=5", "lora train.data.episodes=all"} <= {r.variant for r in runs}
+    groups, sizes, cells = report.data_size_table(runs)
+    assert groups == ["lora", "eva"] and sizes == [5, 10, None]
+    assert cells[("eva", "success", 10)].mean == pytest.approx(0.5)
+    assert cells[("lora", "train_loss", None)].mean == pytest.approx(0.2)
+    assert cells[("lora", "success_auc", 5)].mean == pytest.approx(0.125)
+    result = write_report(tmp_path, n_bootstrap=50, tensorboard=False)
+    assert "## Fine-tuning data size" in result.markdown and "| method | 5 | 10 | all |" in result.markdown
+    assert (tmp_path / "report" / "success_vs_data_size.png").read_bytes()[:8] == PNG_SIGNATURE
+    with open(tmp_path / "report" / "runs.csv") as handle:
+        assert {r["train.data.episodes"] for r in csv.DictReader(handle)} == {"5", "10", ""}
+
+
+def test_eva_rank_table_and_redistribution_sentence(tmp_path: Path) -> None:
+    flags = {0: [0, 0], 100: [1, 0]}
+    layers = ["base_model.model.encoder.h.0.attn.c_attn", "base_model.model.encoder.h.0.mlp.c_fc"]
+    uniform = write_new_run(tmp_path, "eva", "a", 0, flags, config={"eva.rho": 2.0})
+    (uniform / "eva_report.json").write_text(json.dumps({
+        "rank": 2, "rho": 2.0, "ranks": {layers[0]: 2, layers[1]: 2},
+        "explained_variance_ratio": {layers[0]: [0.5, 0.2, 0.1, 0.1], layers[1]: [0.4, 0.3, 0.2, 0.05]}}))
+    moved = write_new_run(tmp_path, "eva", "a", 0, flags, name="eva-moved", config={"eva.rho": 3.0})
+    (moved / "eva_report.json").write_text(json.dumps({
+        "rank": 2, "rho": 3.0, "ranks": {layers[0]: 3, layers[1]: 1},
+        "explained_variance_ratio": {layers[0]: [0.5, 0.2, 0.1], layers[1]: [0.4, 0.3, 0.2]}}))
+    result = write_report(tmp_path, n_bootstrap=50, plots=False, tensorboard=False)
+    assert "## EVA ranks per layer" in result.markdown
+    assert "| h.0.attn.c_attn | 2 | 0.700 |" in result.markdown and "| h.0.mlp.c_fc | 2 | 0.700 |" in result.markdown
+    assert "Rank redistribution changed nothing for eva eva.rho=2: rho = 2" in result.markdown
+    assert "Rank redistribution (rho = 3) gave ranks 1-3" in result.markdown
+    assert "| h.0.attn.c_attn | 3 | 0.800 |" in result.markdown
+
+
+def test_old_format_runs_still_report(runs_dir: Path) -> None:
+    """Runs from before step-0 evaluations, per-task episodes and the protocol: every table, and
+    the report says what is missing."""
+    for metrics_path in runs_dir.rglob("metrics.json"):
+        metrics = json.loads(metrics_path.read_text())
+        metrics["eval"] = [e for e in metrics.get("eval") or [] if e["step"] > 0]
+        metrics["train_loss"] = [p for p in metrics.get("train_loss") or [] if p[0] > 0]
+        metrics["val_action_error"] = [p for p in metrics.get("val_action_error") or [] if p[0] > 0]
+        metrics_path.write_text(json.dumps(metrics))
+    result = write_report(runs_dir, n_bootstrap=50, plots=False, tensorboard=False)
+    assert report.BASE not in result.tables["success"].variants
+    assert "9 of 9 runs have no step-0 evaluation" in result.markdown and "no base row" in result.markdown
+    assert "9 of 9 runs predate the recorded evaluation protocol" in result.markdown
+    assert "9 of 9 runs record no per-task episode counts" in result.markdown
+    assert "an unrecorded number of evaluation episodes" in result.markdown
+    assert result.tables["success"].episodes is None and not result.resolutions
+    paired = {(p.variant, p.baseline, p.measure): p for p in result.paired}
+    assert paired[("eva", "lora", "success")].mde80 == pytest.approx(stats.minimum_detectable_difference(0.1, 4))
+    # the curve area spans the evaluated steps 50..100: lora task-a s0 0.25 -> 0.5
+    lora = next(r for r in result.runs if (r.method, r.task, r.seed) == ("lora", "task-a", 0))
+    assert run_value(lora, "success_auc") == pytest.approx(0.375)

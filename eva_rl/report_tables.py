@@ -1,0 +1,337 @@
+"""The numbers of a report: tables over tasks and seeds, aggregates, paired differences and what
+they can resolve, computed from `eva_rl.run_records` runs with `eva_rl.stats`.
+
+Conventions: a table cell is the mean ± standard error over seeds of one (row, task); the
+average is the mean over tasks with its error over seeds (`stats.suite_average`); success cells
+also carry the episodes pooled over seeds, for a Wilson interval. `BASE` is the pretrained
+policy, read from every run's step-0 evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from eva_rl import stats
+from eva_rl.storage import write_text_atomic
+from eva_rl.run_records import (DATA_SIZE_KEY, MEASURES, PAIRED_MEASURES, RunRecord, base_value, label_keys, partner,
+                                run_value, setting_columns, variant_label, variant_order)
+from eva_rl.stats import MeanStderr as Cell
+from eva_rl.stats import iqm, mean_stderr, stratified_bootstrap_ci, suite_average
+
+BASE = "base (step 0)"  # the pretrained policy before any update: the row every method must beat
+MDE_TARGET = 0.05  # the suite-average paired success difference the paper's claims need resolved
+
+
+@dataclass(frozen=True)
+class Table:
+    """Variants x tasks of one measure, plus each variant's average over tasks."""
+
+    measure: str
+    variants: tuple[str, ...]
+    tasks: tuple[str, ...]
+    cells: dict[tuple[str, str], Cell]        # (variant, task) -> Cell
+    average: dict[str, Cell]                  # variant -> mean over tasks of per-task means
+    episodes: dict[tuple[str, str], tuple[int, int]] | None = None  # (variant, task or "average") -> (successes, episodes)
+
+    def wilson(self, variant: str, task: str) -> tuple[float, float] | None:
+        counts = (self.episodes or {}).get((variant, task))
+        return stats.wilson_interval(*counts) if counts else None
+
+    def to_markdown(self) -> str:
+        digits = MEASURES[self.measure].digits
+        head = "| method | " + " | ".join(self.tasks) + " | average |"
+        rule = "|" + " --- |" * (len(self.tasks) + 2)
+        rows = [head, rule]
+        for v in self.variants:
+            cells = [format_cell(self.cells.get((v, t)), digits, self.wilson(v, t)) for t in self.tasks]
+            average = format_cell(self.average.get(v), digits, self.wilson(v, "average"))
+            rows.append(f"| {v} | " + " | ".join(cells) + f" | {average} |")
+        return "\n".join(rows)
+
+    def to_csv(self, path: Path) -> None:
+        wilson = bool(self.episodes)
+        extra = ("successes", "episodes", "wilson_low", "wilson_high") if wilson else ()
+        columns = [c for t in (*self.tasks, "average") for c in (t, f"{t} stderr", f"{t} n", *(f"{t} {e}" for e in extra))]
+        rows = []
+        for v in self.variants:
+            row: list[Any] = [v]
+            for t in (*self.tasks, "average"):
+                row.extend(_cell_fields(self.cells.get((v, t)) if t != "average" else self.average.get(v)))
+                if wilson:
+                    counts = self.episodes.get((v, t))
+                    row.extend([*counts, *map(csv_number, stats.wilson_interval(*counts))] if counts else ["", "", "", ""])
+            rows.append(row)
+        write_rows(path, ["method", *columns], rows)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One variant's score over all task x seed runs, with stratified-bootstrap 95% CIs."""
+
+    variant: str
+    measure: str
+    n_runs: int
+    n_tasks: int
+    mean: float
+    mean_ci: tuple[float, float]
+    iqm: float
+    iqm_ci: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """`variant - baseline` over the (task, seed) pairs both ran (lower-is-better measures too)."""
+
+    variant: str
+    baseline: str
+    measure: str
+    n_pairs: int
+    mean_diff: float
+    stderr: float
+    n_better: int          # pairs where the variant beat the baseline (in the measure's direction)
+    sd: float = math.nan   # standard deviation of the pairs' differences
+    mde80: float = math.nan  # minimum detectable difference (80% power, 5% two-sided; eva_rl.stats)
+    n_tasks: int = 0
+    n_seeds: int = 0
+    episodes: int | None = None  # evaluation episodes per task and run (None: not recorded)
+
+    @property
+    def verdict(self) -> str:
+        if not math.isfinite(self.mde80):
+            return "no MDE (fewer than 2 pairs)"
+        if self.mean_diff == 0:
+            return "no difference"
+        return "clears the MDE" if abs(self.mean_diff) >= self.mde80 else "below the MDE"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a paired success comparison can resolve, and the grid an MDE of `MDE_TARGET` needs."""
+
+    paired: Paired
+    parts: stats.VarianceDecomposition
+    projected: float                                 # projected MDE at the observed grid
+    grids: dict[str, tuple[int, int, int] | None]    # stats.grids_for_mde's answer
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
+    """Variants x tasks of `measure` (mean +- stderr over seeds), and the average over tasks
+    (`suite_average`); the pretrained policy's row (`BASE`) first where runs evaluated step 0."""
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}; expected one of {sorted(MEASURES)}.")
+    runs = [r for r in runs if r.kind == "finetune"]
+    tasks = tuple(sorted({str(r.task) for r in runs}))
+    rows = {v: [(r.seed, str(r.task), run_value(r, measure)) for r in runs if r.variant == v]
+            for v in variant_order(runs)}
+    base = _base_points(runs, measure)
+    if base:
+        rows = {BASE: base, **rows}
+    cells: dict[tuple[str, str], Cell] = {}
+    average = {}
+    for v, points in rows.items():
+        for t in tasks:
+            cell = mean_stderr(value for _, task, value in points if task == t)
+            if cell.n:
+                cells[(v, t)] = cell
+        if any((v, t) in cells for t in tasks):
+            average[v] = suite_average(points)
+    episodes = _episode_table(runs, tasks) if measure == "success" else None
+    return Table(measure, tuple(rows), tasks, cells, average, episodes or None)
+
+
+def _base_points(runs: Sequence[RunRecord], measure: str) -> list[tuple[int, str, float]]:
+    """(seed, task, value) of the pretrained policy: each (task, seed)'s step-0 value, averaged
+    over its runs (every method evaluates the same base policy on the same starts)."""
+    found: dict[tuple[int, str], list[float]] = {}
+    for r in runs:
+        value = base_value(r, measure)
+        if math.isfinite(value):
+            found.setdefault((r.seed, str(r.task)), []).append(value)
+    return [(seed, task, float(np.mean(v))) for (seed, task), v in sorted(found.items())]
+
+
+def _episode_table(runs: Sequence[RunRecord], tasks: Sequence[str]) -> dict[tuple[str, str], tuple[int, int]]:
+    """Episode counts pooled over seeds per (variant, task) and over tasks per (variant, "average").
+
+    The base row counts each distinct step-0 evaluation of a task once: the same pretrained
+    policy on the same starts gives the same episodes in every run, and repeats are no evidence."""
+    counts: dict[tuple[str, str], list[int]] = {}
+
+    def add(variant: str, task: str, k: int, n: int) -> None:
+        for key in ((variant, task), (variant, "average")):
+            total = counts.setdefault(key, [0, 0])
+            total[0] += k
+            total[1] += n
+
+    base_seen = set()
+    for r in runs:
+        final = r.episode_counts()
+        if final:
+            add(r.variant, str(r.task), final[0], final[1])
+        start = r.episode_counts(0)
+        seen = (r.task, start[0], start[1], tuple(start[2] or ())) if start else None
+        if start and seen not in base_seen:
+            base_seen.add(seen)
+            add(BASE, str(r.task), start[0], start[1])
+    return {key: (k, n) for key, (k, n) in counts.items()}
+
+
+def aggregate_scores(runs: Sequence[RunRecord], measure: str = "success", *, n_bootstrap: int = 2000,
+                     seed: int = 0) -> list[Aggregate]:
+    """Per variant: mean and IQM over all task x seed runs, with stratified-bootstrap 95% CIs."""
+    runs = [r for r in runs if r.kind == "finetune"]
+    result = []
+    for v in variant_order(runs):
+        per_task: dict[str, list[float]] = {}
+        for r in runs:
+            value = run_value(r, measure)
+            if r.variant == v and math.isfinite(value):
+                per_task.setdefault(str(r.task), []).append(value)
+        if not per_task:
+            continue
+        groups = [np.asarray(per_task[t], dtype=np.float64) for t in sorted(per_task)]
+        flat = np.concatenate(groups)
+        mean_ci = stratified_bootstrap_ci(groups, lambda s: s.mean(axis=1), n_bootstrap=n_bootstrap, seed=seed)
+        iqm_ci = stratified_bootstrap_ci(groups, lambda s: iqm(s, axis=1), n_bootstrap=n_bootstrap, seed=seed)
+        result.append(Aggregate(v, measure, int(flat.size), len(groups), float(flat.mean()), mean_ci,
+                                iqm(flat), iqm_ci))
+    return result
+
+
+# --- paired differences and power ----------------------------------------------------------------
+
+def matched_pairs(runs: Sequence[RunRecord], baseline: str) -> dict[str, list[tuple[RunRecord, RunRecord]]]:
+    """{variant: [(run, its baseline partner)]} for every variant not of method `baseline`
+    (`eva_rl.run_records.partner` says which runs pair)."""
+    runs = [r for r in runs if r.kind == "finetune"]
+    base_runs = [r for r in runs if r.method == baseline]
+    keys = label_keys(runs)
+    pairs: dict[str, list[tuple[RunRecord, RunRecord]]] = {}
+    for v in variant_order(runs):
+        mine = [r for r in runs if r.variant == v and r.method != baseline]
+        matched = [(r, p) for r in mine if (p := partner(r, base_runs, keys)) is not None]
+        if matched:
+            pairs[v] = matched
+    return pairs
+
+
+def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("lora", "fft"),
+                       measures: Sequence[str] = PAIRED_MEASURES) -> list[Paired]:
+    """Each variant minus each baseline method over the (task, seed) pairs both ran.
+
+    Every method evaluates on the same starts, so a pair's difference has no start-to-start
+    noise; `mde80` says how large a true difference these pairs would detect 80% of the time.
+    """
+    result = []
+    for baseline in baselines:
+        for v, pairs in matched_pairs(runs, baseline).items():
+            for measure in measures:
+                sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
+                matched = [(r, run_value(r, measure) - run_value(p, measure)) for r, p in pairs]
+                matched = [(r, d) for r, d in matched if math.isfinite(d)]
+                if not matched:
+                    continue
+                summary = stats.paired_difference(d for _, d in matched)
+                counts = {c[1] for r, _ in matched if (c := r.episode_counts())}
+                result.append(Paired(
+                    v, baseline, measure, summary.n, summary.mean, summary.stderr,
+                    sum(1 for _, d in matched if sign * d > 0), summary.sd, summary.mde80,
+                    len({r.task for r, _ in matched}), len({r.seed for r, _ in matched}),
+                    counts.pop() if len(counts) == 1 else None))
+    return result
+
+
+def resolutions(runs: Sequence[RunRecord], paired: Sequence[Paired]) -> list[Resolution]:
+    """For each paired success comparison: the variance split (episode, seed, task) and the
+    grids (tasks x seeds x episodes) that an MDE of `MDE_TARGET` would need."""
+    result = []
+    for baseline in dict.fromkeys(p.baseline for p in paired):
+        pairs_of = matched_pairs(runs, baseline)
+        for p in paired:
+            if p.baseline != baseline or p.measure != "success" or p.variant not in pairs_of:
+                continue
+            cells = [cell for r, q in pairs_of[p.variant] if (cell := _paired_cell(r, q)) is not None]
+            if len(cells) < 2 or any(c.episodes < 2 for c in cells):
+                continue  # older runs without episode counts: missing_lines says so
+            parts = stats.decompose_variance(cells)
+            seeds = max(1, round(parts.seeds))
+            result.append(Resolution(p, parts, stats.projected_mde(parts, parts.tasks, seeds, parts.episodes),
+                                     stats.grids_for_mde(parts, MDE_TARGET, tasks=parts.tasks, seeds=seeds,
+                                                         episodes=parts.episodes)))
+    return result
+
+
+def _paired_cell(run: RunRecord, base: RunRecord) -> stats.PairedCell | None:
+    a, b = run_value(run, "success"), run_value(base, "success")
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    ca, cb = run.episode_counts(), base.episode_counts()
+    if ca is None or cb is None or ca[1] != cb[1]:
+        return stats.PairedCell(str(run.task), run.seed, a - b, math.nan, ca[1] if ca else 0)
+    return stats.PairedCell(str(run.task), run.seed, a - b, stats.episode_variance(ca[2], cb[2], a, b, ca[1]), ca[1])
+
+
+def data_size_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[Any], dict[tuple[str, str, Any], Cell]]:
+    """When `train.data.episodes` varies: (groups, sizes, {(group, measure, size): suite average});
+    a group is a row label without the data size. Empty when it does not vary."""
+    runs = [r for r in runs if r.kind == "finetune"]
+    if DATA_SIZE_KEY not in setting_columns(runs):
+        return [], [], {}
+    keys = [k for k in label_keys(runs) if k != DATA_SIZE_KEY]
+    show_rank = len({r.rank for r in runs if r.rank is not None}) > 1
+    group_of = {r.path: variant_label(r, keys, show_rank=show_rank) for r in runs}
+    sizes = sorted({r.settings.get(DATA_SIZE_KEY) for r in runs}, key=lambda s: (s is None, s or 0))
+    groups = list(dict.fromkeys(group_of[r.path] for r in sorted(runs, key=lambda r: variant_order(runs).index(r.variant))))
+    cells = {}
+    for g in groups:
+        for size in sizes:
+            mine = [r for r in runs if group_of[r.path] == g and r.settings.get(DATA_SIZE_KEY) == size]
+            for measure in ("success", "success_auc", "train_loss", "val_action_error"):
+                cell = suite_average((r.seed, str(r.task), run_value(r, measure)) for r in mine)
+                if cell.n:
+                    cells[(g, measure, size)] = cell
+    return groups, sizes, cells
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+def format_cell(cell: Cell | None, digits: int, wilson: tuple[float, float] | None = None) -> str:
+    """`0.85 ± 0.05`, plus `[0.70, 0.93]` (episode-level Wilson 95%) when given; a single seed
+    shows the mean alone; a missing cell shows `–`."""
+    if cell is None or cell.n == 0:
+        return "–"
+    text = f"{cell.mean:.{digits}f}"
+    if math.isfinite(cell.stderr):
+        text += f" ± {cell.stderr:.{digits}f}"
+    if wilson is not None and all(map(math.isfinite, wilson)):
+        text += f" [{wilson[0]:.{digits}f}, {wilson[1]:.{digits}f}]"
+    return text
+
+
+def _cell_fields(cell: Cell | None) -> list[Any]:
+    if cell is None:
+        return ["", "", 0]
+    return [csv_number(cell.mean), csv_number(cell.stderr), cell.n]
+
+
+def csv_number(x: float) -> str:
+    return "" if not math.isfinite(x) else repr(float(x))
+
+
+def write_rows(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file, written atomically; None and non-finite floats become empty cells."""
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if x is None or (isinstance(x, float) and not math.isfinite(x)) else x for x in row])
+    write_text_atomic(path, handle.getvalue())

@@ -1,0 +1,118 @@
+"""eva_rl.stats against hand computations (t and z values from printed tables)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from eva_rl import stats
+from eva_rl.stats import PairedCell
+
+
+def test_mean_stderr_convention() -> None:
+    s = stats.mean_stderr([0.0, 1.0, 1.0, 1.0, None, math.nan])  # None and NaN are not values
+    assert s.n == 4 and s.mean == 0.75 and s.stderr == pytest.approx(0.5 / 2)
+    one = stats.mean_stderr([7.0])
+    assert one.mean == 7.0 and one.n == 1 and math.isnan(one.stderr)
+    assert stats.mean_stderr([]).n == 0
+
+
+def test_iqm_drops_a_quarter_at_each_end() -> None:
+    assert stats.iqm(list(range(8))) == 3.5  # mean of [2, 3, 4, 5]
+    assert stats.iqm([1.0, 2.0, 3.0, 4.0, 100.0]) == 3.0  # floor(5/4) = 1 each end
+    rows = np.array([[0.0, 1.0, 2.0, 3.0], [4.0, 4.0, 4.0, 40.0]])
+    assert stats.iqm(rows, axis=1) == pytest.approx([1.5, 4.0])
+
+
+def test_stratified_bootstrap_keeps_group_sizes() -> None:
+    groups = [np.array([0.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0])]
+    assert stats.stratified_bootstrap_ci(groups, lambda s: s.mean(axis=1)) == pytest.approx((2 / 3, 2 / 3))
+    low, high = stats.stratified_bootstrap_ci([np.arange(10.0)], lambda s: s.mean(axis=1), n_bootstrap=500)
+    assert low < 4.5 < high
+    assert stats.stratified_bootstrap_ci([np.arange(10.0)], lambda s: s.mean(axis=1), n_bootstrap=500) == (low, high)
+
+
+def test_wilson_interval_known_values() -> None:
+    # 7 of 8, z = 1.959964: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p q / n + z^2 / 4n^2) / (1 + z^2/n)
+    z, n, p = 1.959964, 8, 7 / 8
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    assert stats.wilson_interval(7, 8) == pytest.approx((centre - half, centre + half), abs=1e-6)
+    assert stats.wilson_interval(7, 8) == pytest.approx((0.5291, 0.9776), abs=1e-4)
+    low, high = stats.wilson_interval(0, 10)  # not degenerate at 0/n, unlike p +- 1.96 se
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(z * z / (10 + z * z), abs=1e-6)
+    assert all(math.isnan(x) for x in stats.wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="successes must lie"):
+        stats.wilson_interval(9, 8)
+
+
+def test_mde_against_a_hand_computation() -> None:
+    # n = 10 pairs, sd 0.2: t_{0.975, 9} = 2.262, t_{0.80, 9} = 0.883 (t table)
+    assert stats.minimum_detectable_difference(0.2, 10) == pytest.approx((2.262 + 0.883) * 0.2 / math.sqrt(10), rel=1e-3)
+    # n = 4: t_{0.975, 3} = 3.182, t_{0.80, 3} = 0.978
+    assert stats.minimum_detectable_difference(0.1, 4) == pytest.approx((3.182 + 0.978) * 0.1 / 2, rel=1e-3)
+    # large n: the normal version (1.960 + 0.842) sd / sqrt(n)
+    assert stats.minimum_detectable_difference(1.0, 100_000) == pytest.approx(2.802 / math.sqrt(100_000), rel=1e-3)
+    assert math.isnan(stats.minimum_detectable_difference(0.2, 1))
+
+
+def test_pairs_needed_is_the_first_n_that_reaches_the_target() -> None:
+    n = stats.pairs_needed(0.2, 0.05)
+    assert stats.minimum_detectable_difference(0.2, n) <= 0.05 < stats.minimum_detectable_difference(0.2, n - 1)
+    assert n >= math.ceil((2.802 * 0.2 / 0.05) ** 2)  # the normal approximation's 126 is a lower bound
+    assert stats.pairs_needed(0.0, 0.05) == 2
+    with pytest.raises(ValueError, match="target MDE"):
+        stats.pairs_needed(0.2, 0.0)
+
+
+def test_paired_difference() -> None:
+    p = stats.paired_difference([0.1, 0.3, 0.2, None])
+    assert p.n == 3 and p.mean == pytest.approx(0.2) and p.sd == pytest.approx(0.1)
+    assert p.stderr == pytest.approx(0.1 / math.sqrt(3))
+    assert p.mde80 == pytest.approx(stats.minimum_detectable_difference(0.1, 3))
+    assert 0 < p.p_value < 0.1 and not p.resolved  # 0.2 is below an MDE of ~0.36 with three pairs
+    single = stats.paired_difference([0.4])
+    assert math.isnan(single.mde80) and not single.resolved
+
+
+def test_episode_variance_paired_and_binomial() -> None:
+    # same starts: per-episode differences [0, 1, 0, 0], var (ddof 1) 0.25, over 4 episodes
+    assert stats.episode_variance([1, 1, 0, 0], [1, 0, 0, 0], 0.5, 0.25, 4) == pytest.approx(0.0625)
+    # without episodes: two binomials, p q / (n - 1) each
+    assert stats.episode_variance(None, None, 0.5, 0.25, 4) == pytest.approx((0.25 + 0.1875) / 3)
+    assert math.isnan(stats.episode_variance(None, None, 0.5, 0.5, 1))
+
+
+def _cells() -> list[PairedCell]:
+    values = {"a": [0.1, 0.2, 0.3], "b": [0.5, 0.6, 0.7]}
+    return [PairedCell(task, seed, d, 0.004, 20) for task, ds in values.items() for seed, d in enumerate(ds)]
+
+
+def test_variance_decomposition_by_hand() -> None:
+    parts = stats.decompose_variance(_cells())
+    assert (parts.tasks, parts.seeds, parts.episodes) == (2, 3.0, 20)
+    assert parts.total == pytest.approx(0.28 / 5)  # deviations from 0.4: +-0.1, +-0.2, +-0.3
+    assert parts.episode == pytest.approx(0.004)
+    assert parts.run == pytest.approx(0.01 - 0.004)  # within-task variance 0.01 minus episode sampling
+    assert parts.task == pytest.approx(0.08 - 0.01 / 3)  # task means 0.2, 0.6: variance 0.08
+    assert "per-pair SD 0.237" in parts.describe()
+    with pytest.raises(ValueError, match="at least one"):
+        stats.decompose_variance([])
+
+
+def test_projected_mde_and_grids() -> None:
+    parts = stats.decompose_variance(_cells())
+    # the observed grid: variance 0.07667 / 2 + (0.006 + 0.004) / 6 = 0.04; t_{.975,5} = 2.571, t_{.8,5} = 0.920
+    assert stats.projected_mde(parts, 2, 3, 20) == pytest.approx((2.571 + 0.920) * 0.2, rel=1e-3)
+    more_episodes = stats.projected_mde(parts, 2, 3, 80)
+    assert more_episodes < stats.projected_mde(parts, 2, 3, 20)
+    grids = stats.grids_for_mde(parts, 0.05, tasks=2, seeds=3, episodes=20)
+    assert grids["seeds"] is None and grids["episodes"] is None  # the task term alone stays above 0.05
+    t, s, e = grids["tasks"]
+    assert (s, e) == (3, 20)
+    assert stats.projected_mde(parts, t, 3, 20) <= 0.05 < stats.projected_mde(parts, t - 1, 3, 20)
+    with pytest.raises(ValueError, match="must each be >= 1"):
+        stats.projected_mde(parts, 0, 3, 20)
