@@ -106,6 +106,9 @@ class FinetuneStage:
     ranks: tuple[int, ...] = (8,)
     # Seeds: each one a run per grid point.
     seeds: tuple[int, ...] = (0,)
+    # Per-method seeds replacing `seeds` for the methods named (method -> list), e.g. more seeds for
+    # the comparisons a paper's claims rest on: {eva: [0, 1, 2, 3, 4], lora: [0, 1, 2, 3, 4]}.
+    method_seeds: dict[str, list[int]] = field(default_factory=dict)
     # Base fine-tuning YAML (path, or a name in the package's configs/); None = defaults.
     config: str | None = None
     # Fine-tuning config keys (nested or dotted) set for every run.
@@ -124,6 +127,12 @@ class FinetuneStage:
             raise ValueError("finetune.tasks is empty: name the tasks (or a suite) to fine-tune on.")
         if not self.methods or not self.seeds:
             raise ValueError("finetune.methods and finetune.seeds must each name at least one value.")
+        for method, seeds in self.method_seeds.items():
+            if method not in self.methods:
+                raise ValueError(f"finetune.method_seeds names {method!r}, which is not in finetune.methods "
+                                 f"{list(self.methods)}; fix the name or add the method.")
+            if not isinstance(seeds, (list, tuple)) or not seeds:
+                raise ValueError(f"finetune.method_seeds.{method} must be a non-empty list of seeds, got {seeds!r}.")
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"finetune.ranks must be >= 1, got {self.ranks}.")
         if self.cpus_per_run < 1:
@@ -199,7 +208,7 @@ def expand_grid(stage: FinetuneStage, tasks: Sequence[str] | None = None) -> lis
     for task in tasks if tasks is not None else stage.tasks:
         for method in stage.methods:
             for rank in ([None] if method == "fft" else stage.ranks):
-                for seed in stage.seeds:
+                for seed in stage.method_seeds.get(method, stage.seeds):
                     for combo in combos:
                         points.append({"task": task, "method": method, "rank": rank, "seed": seed, **combo})
     return points

@@ -28,6 +28,17 @@ def test_grid_expansion_and_names() -> None:
     assert sum(p["method"] == "fft" for p in points) == 2 * 2 * 2
 
 
+def test_method_seeds_give_some_methods_more_seeds() -> None:
+    stage = FinetuneStage(tasks=("task-a",), methods=("fft", "lora", "eva"), seeds=(0, 1),
+                          method_seeds={"lora": [0, 1, 2, 3], "eva": [0, 1, 2, 3]})
+    seeds = {m: [p["seed"] for p in expand_grid(stage) if p["method"] == m] for m in stage.methods}
+    assert seeds == {"fft": [0, 1], "lora": [0, 1, 2, 3], "eva": [0, 1, 2, 3]}
+    with pytest.raises(ValueError, match="method_seeds names 'dora', which is not in finetune.methods"):
+        FinetuneStage(tasks=("task-a",), methods=("lora",), method_seeds={"dora": [0]})
+    with pytest.raises(ValueError, match="method_seeds.lora must be a non-empty list"):
+        FinetuneStage(tasks=("task-a",), methods=("lora",), method_seeds={"lora": []})
+
+
 def test_experiment_yaml_loads_and_rejects_bad_keys(tmp_path: Path) -> None:
     path = tmp_path / "grid.yaml"
     path.write_text("name: g\nout_dir: out\npretrain:\n  tasks: [reach-v3]\n  overrides:\n    optim: {lr: 0.001}\n"
