@@ -36,8 +36,9 @@ from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import config_to_dict, load_config, save_config
 from eva_rl.storage import atomic_path
-from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, _check_resume_config,
-                          check_run_dir, is_main_process, train)
+from eva_rl.checkpoint import check_resume_config
+from eva_rl.distributed import is_main_process
+from eva_rl.train import DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, check_run_dir, train
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class FinetuneConfig:
     eva: EvaSection = field(default_factory=EvaSection)
     # AdaLoRA's settings (method adalora): orthogonality penalty weight and rank schedule.
     adalora: methods.AdaLoraOptions = field(default_factory=methods.AdaLoraOptions)
-    # The training loop: data.paths = the task's dataset(s); the policy section is not used.
+    # The training loop: data.paths = the task's dataset(s). Its policy section must stay unset: the
+    # architecture comes from the checkpoint.
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
@@ -127,6 +129,12 @@ class FinetuneConfig:
                              f"must have the same length, or both be empty.")
         if self.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}.")
+        policy_keys = [f"train.policy.{name}" for name in ("preset", *PolicySection.OVERRIDABLE)
+                       if getattr(self.train.policy, name) != getattr(PolicySection(), name)]
+        if policy_keys:
+            raise ValueError(f"{', '.join(policy_keys)} set in a fine-tuning config: the architecture comes from "
+                             f"the checkpoint, so remove it (a plain DecisionTransformerModel checkpoint's K "
+                             f"is the top-level context_length).")
         if self.method == "adalora":  # before any work: something must be left to prune
             self.adalora.initial_rank(self.rank)
             self.adalora.schedule(self.train.steps)
@@ -240,7 +248,7 @@ def _check_same_finetune(config: FinetuneConfig, saved_path: Path) -> None:
             data["train"].pop(key, None)
         return data
 
-    _check_resume_config(comparable(load_config(FinetuneConfig, saved_path)), comparable(config))
+    check_resume_config(comparable(load_config(FinetuneConfig, saved_path)), comparable(config))
 
 
 def _eva_inputs(config: FinetuneConfig) -> str:
@@ -297,8 +305,9 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
     eva_seconds = report.seconds if report is not None else _saved_eva_seconds(out_dir)
     task = dataset.task_names[0] if len(dataset.task_names) == 1 else ",".join(dataset.task_names)
-    run_info = RunInfo(kind="finetune", task=task, method=config.method,
-                       rank=None if spec.build_config is None else config.rank, eva_seconds=eva_seconds)
+    run_info = RunInfo(kind="finetune", task=task, extra={
+        "method": config.method, "rank": None if spec.build_config is None else config.rank,
+        "eva_seconds": eva_seconds})
     # AdaLoRA's orthogonality penalty: PEFT adds it only to outputs carrying a `.loss`, which the
     # DT's do not, so the training loop adds it (and logs it apart from the action MSE).
     regularizer = (lambda: methods.regularization_loss(policy)) if spec.uses_rank_schedule else None

@@ -164,6 +164,7 @@ def test_adapter_on_a_plain_checkpoint_reloads_with_its_context_length(setup, tm
     ("target_modules", "[q_proj]", "matches no Linear/Conv1D"),
     ("eva.tokens", "[reward]", "eva.tokens"),
     ("modules_to_save", "[predict_actoin]", "matches no module"),
+    ("train.policy.context_length", "8", "train.policy.context_length set in a fine-tuning config"),
 ])
 def test_bad_input_fails_before_any_work(setup, tmp_path, capsys, key, value, message) -> None:
     out = tmp_path / "bad"

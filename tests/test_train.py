@@ -16,7 +16,7 @@ import torch
 
 from eva_rl.config import load_config
 from eva_rl.data.trajectories import TrajectoryDataset
-from eva_rl.train import (TrainConfig, build_policy, find_checkpoint, lr_factor, parameter_groups,
+from eva_rl.train import (RunInfo, TrainConfig, build_policy, find_checkpoint, lr_factor, parameter_groups,
                           save_checkpoint, train)
 
 TINY_POLICY = ["policy.preset=tiny", "policy.hidden_size=16", "policy.n_layer=1", "policy.n_head=1",
@@ -108,14 +108,15 @@ def test_loss_decreases_and_metrics_json(tmp_path):
     config = tiny_config(tmp_path, "steps=150", "log_every=25", "batch_size=16", "checkpoint_every=0",
                          "data.val_fraction=0.25", "val_every=50", "val_batches=2", "policy.dropout=0.0")
     seen = []
-    result = train(config, dataset=dataset, on_step=seen.append)
+    result = train(config, dataset=dataset, on_step=seen.append, run_info=RunInfo(extra={"label": "x"}))
     assert seen == list(range(1, 151))
     losses = [v for _, v in result.metrics["train_loss"]]
     assert losses[-1] < 0.6 * losses[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"kind", "task", "method", "rank", "seed", "trainable_params", "total_params",
-                            "train_seconds", "eva_seconds", "train_loss", "val_action_error", "eval", "final"}
-    assert metrics["kind"] == "pretrain" and metrics["seed"] == 0 and metrics["eva_seconds"] is None
+    # the loop knows no fine-tuning fields: the caller's extra ones are written as given
+    assert set(metrics) == {"kind", "task", "label", "seed", "trainable_params", "total_params",
+                            "train_seconds", "train_loss", "val_action_error", "eval", "final"}
+    assert metrics["kind"] == "pretrain" and metrics["seed"] == 0 and metrics["label"] == "x"
     assert [s for s, _ in metrics["train_loss"]] == [25, 50, 75, 100, 125, 150]
     assert [s for s, _ in metrics["val_action_error"]] == [50, 100, 150]
     assert metrics["val_action_error"][-1][1] < metrics["val_action_error"][0][1]
