@@ -76,9 +76,10 @@ class EvaSection:
 
 
 def _default_train() -> TrainConfig:
-    # Fine-tuning defaults: a held-out split for the action error, evaluation during the run.
+    # Fine-tuning defaults: a held-out split for the action error, evaluation during the run
+    # from step 0 (the pretrained policy, the baseline every method must beat).
     return TrainConfig(data=DataConfig(val_fraction=0.2), optim=OptimConfig(lr=1e-3, warmup_steps=100),
-                       steps=1000, eval_every=500, eval_episodes=10, val_every=100, log_every=50,
+                       steps=1000, eval_every=500, eval_steps=(0,), eval_episodes=10, val_every=100, log_every=50,
                        checkpoint_every=250, out_dir="runs/finetune")
 
 
@@ -104,7 +105,8 @@ class FinetuneConfig:
     # (state_dim values each); empty = computed from the fine-tuning data.
     state_mean: tuple[float, ...] = ()
     state_std: tuple[float, ...] = ()
-    # Plain checkpoints only: context length K it was trained with.
+    # Context length K a plain checkpoint was trained with (an eva-rl checkpoint's own K replaces
+    # it in the run's resolved config.yaml).
     context_length: int = 20
     # EVA's settings (methods eva and eva_dora).
     eva: EvaSection = field(default_factory=EvaSection)
@@ -264,15 +266,16 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring."""
     from eva_rl.data.trajectories import load_trajectories
 
-    out_dir = Path(config.train.out_dir)
-    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
-        _check_same_finetune(config, out_dir / "config.yaml")
     if not config.train.data.paths:
         raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
                          "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
     raw = load_trajectories(list(config.train.data.paths), return_scale=config.train.data.return_scale)
     policy = load_pretrained(config, raw)
     check_fit(policy, raw)
+    config = resolved_config(config, policy)
+    out_dir = Path(config.train.out_dir)
+    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
+        _check_same_finetune(config, out_dir / "config.yaml")
     meta = policy.metadata
     dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
                                      meta.return_scale)
@@ -313,6 +316,14 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     regularizer = (lambda: methods.regularization_loss(policy)) if spec.uses_rank_schedule else None
     return train(config.train, policy=policy, dataset=dataset, on_step=methods.step_hook(policy),
                  run_info=run_info, on_end=save, regularizer=regularizer)
+
+
+def resolved_config(config: FinetuneConfig, policy: nn.Module) -> FinetuneConfig:
+    """`config` with what the run really uses in place of defaults: the checkpoint's context length
+    and return scale (an eva-rl checkpoint carries its own), so config.yaml says what was used."""
+    data = dataclasses.replace(config.train.data, return_scale=float(policy.metadata.return_scale))
+    return dataclasses.replace(config, context_length=int(policy.config.context_length),
+                               train=dataclasses.replace(config.train, data=data))
 
 
 def _saved_eva_seconds(out_dir: Path) -> float | None:

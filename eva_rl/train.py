@@ -27,6 +27,7 @@ Run directory (`out_dir`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -158,10 +159,12 @@ class TrainConfig:
     compile: bool = False
     # Updates between loss/lr/grad-norm/throughput log points (also the progress bar's refresh).
     log_every: int = 100
-    # Updates between evaluations on the training tasks (0 = never; the last update is always one).
+    # Updates between evaluations on the training tasks (0 = none but eval_steps). Whenever any
+    # evaluation is configured, the last update is evaluated too.
     eval_every: int = 0
-    # Also evaluate before the first update (a step-0 point in the success curve).
-    eval_at_start: bool = False
+    # More points of the success curve, as updates done (0 = the policy before any update); points
+    # beyond `steps` are skipped. Every method and seed is evaluated on the same starts (eval_seed).
+    eval_steps: tuple[int, ...] = ()
     # Episodes per task in each evaluation.
     eval_episodes: int = 10
     # Parallel envs in each evaluation.
@@ -199,6 +202,8 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
+        if any(step < 0 for step in self.eval_steps):
+            raise ValueError(f"eval_steps must be updates done (>= 0), got {list(self.eval_steps)}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -400,6 +405,9 @@ def _log_window(run: _Run, state: TrainState, grad_norm: torch.Tensor, penalty: 
                         "train/updates_per_second": state.window_steps / seconds}
                        | ({} if penalty is None else {"train/regularization": float(penalty.detach())}), step)
     run.logger.bar_update(state.window_steps, loss=f"{mean_loss:.4g}")
+    if run.ddp.main:
+        log.info("step %d: loss %.4g, lr %.3g, grad norm %.3g, %.1f updates/s", step, mean_loss,
+                 state.scheduler.get_last_lr()[0], float(grad_norm), state.window_steps / seconds)
     state.loss_sum.zero_()
     state.window_steps, run.window_start = 0, time.perf_counter()
 
@@ -408,25 +416,55 @@ def _measure(run: _Run, state: TrainState, at: int) -> None:
     """Validation and evaluation due at update `at` (rank 0), then every rank waits for it."""
     config, history, policy = run.config, state.history, state.policy
     if run.ddp.main:
-        last = at == config.steps
-        if run.val_batches and ((config.val_every and at % config.val_every == 0) or last):
+        if run.val_batches and _validates_at(config, at):
             error = validation_action_error(policy, run.val_batches, run.device, run.dtype)
             history["val_action_error"].append([at, error])
             run.logger.scalars({"val/action_error": error}, at)
-        if (config.eval_every and (at % config.eval_every == 0 or last)) or (at == 0 and config.eval_at_start):
+            log.info("step %d: validation action error %.4g", at, error)
+        if at in evaluation_steps(config):
             entry = _eval_entry(_evaluate(policy, config, run.eval_tasks), at)
             history["eval"].append(entry)
             run.logger.scalars({f"eval/{key}": entry[key] for key in ("success_rate", "return_mean")}, at)
             run.logger.bar_update(loss=_last(history["train_loss"]), success=entry["success_rate"])
+            log.info("step %d: success %.3f +- %.3f, return %.4g over %d episodes", at, entry["success_rate"],
+                     entry["success_stderr"], entry["return_mean"], entry["episodes"])
     barrier(run.ddp)
 
 
+def evaluation_steps(config: TrainConfig) -> list[int]:
+    """The updates-done counts at which the policy is evaluated, sorted: eval_steps, multiples of
+    eval_every and, when any evaluation is configured, the last update."""
+    points = {step for step in config.eval_steps if step <= config.steps}
+    if config.eval_every:
+        points |= set(range(config.eval_every, config.steps + 1, config.eval_every))
+    if points or config.eval_every:
+        points.add(config.steps)
+    return sorted(points)
+
+
+def _validates_at(config: TrainConfig, step: int) -> bool:
+    """Validation points: before the first update, every val_every updates, and the last one."""
+    return step in (0, config.steps) or bool(config.val_every and step % config.val_every == 0)
+
+
 def _measures_at(config: TrainConfig, step: int, has_val: bool) -> bool:
-    if step == config.steps:
-        return True
-    evaluates = config.eval_every and step % config.eval_every == 0
-    validates = has_val and config.val_every and step % config.val_every == 0
-    return bool(evaluates or validates)
+    return (has_val and _validates_at(config, step)) or step in evaluation_steps(config)
+
+
+def _record_start(run: _Run, state: TrainState) -> None:
+    """Step-0 points of a fresh run: the training loss on the first batch the loop will train on
+    (no update; drawn from a copy of the sampler, dropout under a forked RNG, so the run itself
+    is unchanged), then validation and evaluation of the policy before any update."""
+    batch = run.sample(copy.deepcopy(state.generator))
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(run.device, run.dtype):
+        loss = state.policy.loss(batch).float()
+    start_loss = float(all_mean(loss, run.ddp))
+    state.history["train_loss"].append([0, start_loss])
+    run.logger.scalars({"train/loss": start_loss}, 0)
+    if run.ddp.main:
+        log.info("step 0: loss %.4g (before any update)", start_loss)
+    _measure(run, state, 0)
 
 
 def _check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, step: int, ddp: Dist) -> None:
@@ -497,11 +535,12 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
                val_batches=_validation_batches(val_data, config, context),
                eval_tasks=config.eval_tasks or tuple(dataset.task_names), context=context,
                logger=_Log(config, ddp, state.step, run_info.kind, trainable, total))
-    if state.step == 0 and (config.eval_at_start or config.steps == 0):
-        _measure(run, state, 0)
+    if state.step == 0:
+        _record_start(run, state)
     _loop(run, state)
 
-    metrics = _metrics(config, run_info, trainable, total, state.history)
+    metrics = _metrics(config, run_info, trainable, total, state.history,
+                       _eval_protocol(config, policy, run.eval_tasks))
     run.logger.close()
     if ddp.main:
         if on_end is not None:
@@ -546,7 +585,8 @@ def _last(points: list) -> float | None:
     return points[-1][1] if points else None
 
 
-def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int, history: dict) -> dict:
+def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int, history: dict,
+             protocol: dict) -> dict:
     """metrics.json content, in the contract's format."""
     final_eval = history["eval"][-1] if history["eval"] and history["eval"][-1]["step"] == config.steps else {}
     return {
@@ -554,7 +594,7 @@ def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int,
         "seed": config.seed, "trainable_params": trainable, "total_params": total,
         "train_seconds": float(history["train_seconds"]),
         "train_loss": history["train_loss"], "val_action_error": history["val_action_error"],
-        "eval": history["eval"],
+        "eval": sorted(history["eval"], key=lambda entry: entry["step"]), "eval_protocol": protocol,
         "final": {key: final_eval.get(key)
                   for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
         | {"train_loss": _last(history["train_loss"]), "val_action_error": _last(history["val_action_error"])},
@@ -569,11 +609,32 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
 # --- evaluation and validation -----------------------------------------------------------------
 
 def _eval_entry(result: Any, step: int) -> dict:
-    """The metrics.json eval record for one EvalResult (suite-level aggregates)."""
-    suite = result.suite
+    """The metrics.json eval record for one EvalResult: suite aggregates, and per task its
+    successes and every episode's success in episode order (for paired and per-episode statistics)."""
+    suite, per_task = result.suite, {}
+    for task, measures in result.tasks.items():
+        records = sorted((r for r in result.episodes if r.task == task), key=lambda r: r.episode)
+        successes = [int(bool(r.success)) for r in records]
+        per_task[task] = {"success_rate": float(measures["success"]["mean"]), "successes": sum(successes),
+                          "episodes": len(records), "return_mean": float(measures["return"]["mean"]),
+                          "episode_success": successes}
     return {"step": step,
             "success_rate": float(suite["success"]["mean"]), "success_stderr": float(suite["success"]["stderr"]),
-            "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"])}
+            "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"]),
+            "episodes": len(result.episodes), "per_task": per_task}
+
+
+def _eval_protocol(config: TrainConfig, policy: nn.Module, tasks: tuple[str, ...]) -> dict:
+    """How every evaluation of the run was made: the same seed, episodes and targets at each step."""
+    steps = evaluation_steps(config)
+    targets: dict[str, float] = {}
+    if steps:  # the tasks are only resolved (suite names expanded) when something is evaluated
+        from eva_rl.envs import resolve_tasks
+
+        known = dict(policy.metadata.target_returns)
+        targets = {task: float(known[task]) for task in resolve_tasks(list(tasks)) if task in known}
+    return {"seed": config.eval_seed, "episodes": config.eval_episodes, "num_envs": config.eval_num_envs,
+            "horizon": config.eval_horizon, "target_returns": targets, "steps": steps}
 
 
 def _evaluate(policy: nn.Module, config: TrainConfig, tasks: tuple[str, ...]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,13 +64,18 @@ def test_eva_finetune_writes_adapter_merged_model_report_and_metrics(setup, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "finetune" and metrics["method"] == "eva" and metrics["task"] == TASK
     assert metrics["rank"] == 2 and metrics["eva_seconds"] > 0 and metrics["train_seconds"] > 0
-    assert [s for s, _ in metrics["train_loss"]] == [2, 4, 6]
-    assert [s for s, _ in metrics["val_action_error"]] == [3, 6]
-    assert [e["step"] for e in metrics["eval"]] == [6] and metrics["final"]["success_rate"] is not None
+    assert [s for s, _ in metrics["train_loss"]] == [0, 2, 4, 6]
+    assert [s for s, _ in metrics["val_action_error"]] == [0, 3, 6]
+    assert [e["step"] for e in metrics["eval"]] == [0, 6] and metrics["final"]["success_rate"] is not None
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     report = json.loads((out / "eva_report.json").read_text())
     assert set(report["ranks"].values()) == {2} and (out / "eva_ranks.png").exists()
-    assert load_config(FinetuneConfig, out / "config.yaml") == config
+    # the resolved config says what was used: the checkpoint's K (4) and return scale, not the defaults
+    saved = load_config(FinetuneConfig, out / "config.yaml")
+    policy = DecisionTransformerPolicy.from_pretrained(setup["checkpoint"])
+    assert saved.context_length == 4 and saved.train.data.return_scale == policy.metadata.return_scale
+    assert saved == dataclasses.replace(config, context_length=4, train=dataclasses.replace(
+        config.train, data=dataclasses.replace(config.train.data, return_scale=policy.metadata.return_scale)))
 
     batch = window_batch(setup)
     trained = result.policy.eval()
@@ -83,6 +89,27 @@ def test_eva_finetune_writes_adapter_merged_model_report_and_metrics(setup, tmp_
     assert TASK in merged.metadata.tasks
     assert torch.allclose(merged(batch), expected, atol=1e-5)
     assert json.loads((out / "adapter" / "eva_rl_adapter.json").read_text())["method"] == "eva"
+
+
+def test_success_curve_points_are_the_configured_steps_on_the_same_starts_for_every_method(setup, tmp_path) -> None:
+    runs = {}
+    for method in ("lora", "eva"):
+        runs[method] = finetune(load_config(FinetuneConfig, None, overrides(
+            setup, tmp_path / method, method=method, **{"train.eval_every": 0, "train.eval_steps": "[0,3]"}))).metrics
+    for metrics in runs.values():
+        assert [e["step"] for e in metrics["eval"]] == [0, 3, 6]
+        assert metrics["eval_protocol"]["steps"] == [0, 3, 6]
+        assert [s for s, _ in metrics["train_loss"]][0] == 0 and metrics["val_action_error"][0][0] == 0
+        cell = metrics["eval"][0]["per_task"][TASK]
+        assert cell["episodes"] == 2 and len(cell["episode_success"]) == 2
+        assert cell["successes"] == sum(cell["episode_success"]) and metrics["eval"][0]["episodes"] == 2
+    assert runs["lora"]["eval_protocol"] == runs["eva"]["eval_protocol"]
+    assert runs["eva"]["eval_protocol"]["seed"] == 1_000_000 and TASK in runs["eva"]["eval_protocol"]["target_returns"]
+    # step 0 is the pretrained policy for both (B = 0): the same starts give the same episodes
+    lora0, eva0 = runs["lora"]["eval"][0], runs["eva"]["eval"][0]
+    assert lora0["return_mean"] == pytest.approx(eva0["return_mean"], rel=1e-4)
+    assert lora0["per_task"][TASK]["episode_success"] == eva0["per_task"][TASK]["episode_success"]
+    assert runs["lora"]["val_action_error"][0][1] == pytest.approx(runs["eva"]["val_action_error"][0][1], rel=1e-5)
 
 
 def test_resume_reuses_eva_components_and_refuses_another_rank(setup, tmp_path, monkeypatch) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from eva_rl.config import load_config
 from eva_rl.data.trajectories import TrajectoryDataset
-from eva_rl.train import (RunInfo, TrainConfig, build_policy, find_checkpoint, lr_factor, parameter_groups,
+from eva_rl.train import (RunInfo, TrainConfig, build_policy, evaluation_steps, find_checkpoint, lr_factor, parameter_groups,
                           save_checkpoint, train)
 
 TINY_POLICY = ["policy.preset=tiny", "policy.hidden_size=16", "policy.n_layer=1", "policy.n_head=1",
@@ -63,6 +63,16 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("keys,expected", [
+    ({"eval_every": 0, "eval_steps": ()}, []),
+    ({"eval_every": 0, "eval_steps": (0, 100, 250, 500)}, [0, 100, 250, 500, 1000]),
+    ({"eval_every": 400, "eval_steps": (0, 100, 5000)}, [0, 100, 400, 800, 1000]),
+    ({"eval_every": 500, "eval_steps": ()}, [500, 1000]),
+])
+def test_evaluation_steps_join_the_list_the_multiples_and_the_end(keys, expected):
+    assert evaluation_steps(TrainConfig(steps=1000, **keys)) == expected
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -115,10 +125,18 @@ def test_loss_decreases_and_metrics_json(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # the loop knows no fine-tuning fields: the caller's extra ones are written as given
     assert set(metrics) == {"kind", "task", "label", "seed", "trainable_params", "total_params",
-                            "train_seconds", "train_loss", "val_action_error", "eval", "final"}
+                            "train_seconds", "train_loss", "val_action_error", "eval", "eval_protocol", "final"}
     assert metrics["kind"] == "pretrain" and metrics["seed"] == 0 and metrics["label"] == "x"
-    assert [s for s, _ in metrics["train_loss"]] == [25, 50, 75, 100, 125, 150]
-    assert [s for s, _ in metrics["val_action_error"]] == [50, 100, 150]
+    assert [s for s, _ in metrics["train_loss"]] == [0, 25, 50, 75, 100, 125, 150]
+    assert [s for s, _ in metrics["val_action_error"]] == [0, 50, 100, 150]
+    assert metrics["eval_protocol"]["steps"] == [] and metrics["eval_protocol"]["seed"] == config.eval_seed
+    # step 0: the loss of the untouched policy on the first batch the loop trains on
+    policy = build_policy(config, dataset)
+    train_split, _ = dataset.split(0.25, config.seed)
+    first = train_split.sample(16, 4, generator=np.random.default_rng([config.seed, 0]))
+    first["action_mask"] = (torch.arange(dataset.act_dim) < torch.as_tensor(dataset.act_dims)[first["task_ids"]][:, None]).float()
+    with torch.no_grad():
+        assert metrics["train_loss"][0][1] == pytest.approx(float(policy.loss(first)), rel=1e-5)
     assert metrics["val_action_error"][-1][1] < metrics["val_action_error"][0][1]
     assert metrics["eval"] == [] and metrics["train_seconds"] > 0
     assert metrics["final"] == {"success_rate": None, "success_stderr": None, "return_mean": None,
@@ -250,6 +268,7 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_old_checkpoints
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
     ("data.val_fraction=1.0", r"data.val_fraction must be in \[0, 1\)"),
     ("keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+    ("eval_steps=[0,-5]", "eval_steps must be updates done"),
     ("optim.learning_rate=1", "Unknown config key 'optim.learning_rate'"),
 ])
 def test_config_errors(override, message):
@@ -367,11 +386,13 @@ def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_dat
     assert main(["pretrain", str(tmp_path / "pretrain.yaml"), f"out_dir={out}", "policy.dropout=0.0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [v for _, v in metrics["train_loss"]]
-    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
     # one evaluation, at the last update, on both training tasks
     assert [entry["step"] for entry in metrics["eval"]] == [250]
     assert 0.0 <= metrics["final"]["success_rate"] <= 1.0 and metrics["final"]["return_mean"] is not None
-    assert set(metrics["eval"][0]) == {"step", "success_rate", "success_stderr", "return_mean", "return_stderr"}
+    assert set(metrics["eval"][0]) == {"step", "success_rate", "success_stderr", "return_mean", "return_stderr",
+                                       "episodes", "per_task"}
+    assert metrics["eval"][0]["episodes"] == 2 and len(metrics["eval"][0]["per_task"]) == 2
     config = load_config(TrainConfig, out / "config.yaml")
     assert config.steps == 250 and config.policy.dropout == 0.0 and config.out_dir == str(out)
     assert (out / "model" / "config.json").is_file()
