@@ -38,7 +38,8 @@ from eva_rl.config import config_to_dict, load_config, save_config
 from eva_rl.storage import atomic_path
 from eva_rl.checkpoint import check_resume_config
 from eva_rl.distributed import is_main_process
-from eva_rl.train import DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, check_run_dir, train
+from eva_rl.train import (DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, check_run_dir,
+                          split_data, train)
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,9 @@ def task_metadata(policy: nn.Module, dataset: Any) -> Any:
 
 
 def _eva_batches(dataset: Any, config: FinetuneConfig, context: int):
-    """EVA's windows: from the training split only, seeded by eva.seed (identical on every process)."""
-    data = dataset
-    if config.train.data.val_fraction > 0:
-        data, _ = dataset.split(config.train.data.val_fraction, config.train.seed)
+    """EVA's windows: from the training split only (the data.episodes subset where one is set),
+    seeded by eva.seed (identical on every process)."""
+    data, _ = split_data(dataset, config.train)
     generator = np.random.default_rng([config.eva.seed, 0xE7A])
     for _ in range(config.eva.max_batches):
         yield data.sample(config.eva.batch_size, context, generator=generator)
@@ -259,6 +259,7 @@ def _eva_inputs(config: FinetuneConfig) -> str:
     return json.dumps({"checkpoint": str(Path(config.checkpoint).resolve()), "rank": config.rank,
                        "target_modules": list(config.target_modules), "eva": dataclasses.asdict(config.eva),
                        "data": list(config.train.data.paths), "val_fraction": config.train.data.val_fraction,
+                       "episodes": config.train.data.episodes, "episodes_seed": config.train.data.episodes_seed,
                        "seed": config.train.seed}, sort_keys=True)
 
 

@@ -74,12 +74,20 @@ class DataConfig:
     val_fraction: float = 0.0
     # Sample windows so that every task is equally likely (else proportional to its steps).
     balance_tasks: bool = False
+    # Training episodes per task: a seeded subset drawn after the validation split, so the held-out
+    # episodes are the same for every size (null = all; the low-data regime sweeps it).
+    episodes: int | None = None
+    # Seed of that subset (null = the run's seed: each seed sees its own subset, and every method at
+    # a seed the same one).
+    episodes_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.return_scale > 0:
             raise ValueError(f"data.return_scale must be > 0, got {self.return_scale}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}.")
+        if self.episodes is not None and self.episodes < 1:
+            raise ValueError(f"data.episodes must be >= 1 or null (all), got {self.episodes}.")
 
 
 def _policy_section() -> type:
@@ -721,10 +729,15 @@ def _context_length(policy: nn.Module) -> int:
 
 def split_data(dataset: Any, config: TrainConfig) -> tuple[Any, Any | None]:
     """(training split, validation split or None): whole episodes of each task held out by
-    data.val_fraction, seeded by config.seed."""
+    data.val_fraction (seeded by config.seed), then data.episodes per task kept for training
+    (seeded by data.episodes_seed, else config.seed). Fine-tuning's EVA draws from the same split."""
+    train_data, val_data = dataset, None
     if config.data.val_fraction > 0:
-        return dataset.split(config.data.val_fraction, config.seed)
-    return dataset, None
+        train_data, val_data = dataset.split(config.data.val_fraction, config.seed)
+    if config.data.episodes is not None:
+        seed = config.seed if config.data.episodes_seed is None else config.data.episodes_seed
+        train_data = train_data.take_episodes(config.data.episodes, seed)
+    return train_data, val_data
 
 
 def check_run_dir(config: TrainConfig) -> Path | None:

@@ -112,6 +112,26 @@ def test_success_curve_points_are_the_configured_steps_on_the_same_starts_for_ev
     assert runs["lora"]["val_action_error"][0][1] == pytest.approx(runs["eva"]["val_action_error"][0][1], rel=1e-5)
 
 
+def test_eva_draws_from_the_same_episode_subset_as_training_for_every_method(setup, tmp_path) -> None:
+    import numpy as np
+
+    from eva_rl.finetune import _eva_batches
+    from eva_rl.train import split_data
+
+    data = load_trajectories(setup["data"])
+    data = data.with_normalization(np.zeros(data.state_dim, np.float32), np.ones(data.state_dim, np.float32))
+    configs = [load_config(FinetuneConfig, None, overrides(setup, tmp_path, method=method,
+                                                           **{"train.data.episodes": 2}))
+               for method in ("eva", "eva_dora")]
+    subsets = [split_data(data, config.train)[0] for config in configs]
+    np.testing.assert_array_equal(subsets[0].observations, subsets[1].observations)
+    assert subsets[0].num_episodes == 2
+    kept = {tuple(np.round(row, 5)) for row in subsets[0].observations.tolist()}
+    for batch in _eva_batches(data, configs[0], context=4):
+        real = batch["states"][batch["attention_mask"].bool()]  # (real steps, state_dim)
+        assert all(tuple(np.round(row, 5)) in kept for row in real.tolist())
+
+
 def test_resume_reuses_eva_components_and_refuses_another_rank(setup, tmp_path, monkeypatch) -> None:
     out = tmp_path / "resume"
     finetune(load_config(FinetuneConfig, None, overrides(setup, out, method="eva", **{"train.eval_every": 0})))

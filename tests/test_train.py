@@ -75,6 +75,26 @@ def test_evaluation_steps_join_the_list_the_multiples_and_the_end(keys, expected
     assert evaluation_steps(TrainConfig(steps=1000, **keys)) == expected
 
 
+def test_data_episodes_subset_is_drawn_after_the_validation_split(tmp_path):
+    from eva_rl.train import split_data
+
+    dataset = tiny_dataset(episodes=20)
+    full_train, full_val = split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2"))
+    few_train, few_val = split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2", "data.episodes=3"))
+    np.testing.assert_array_equal(few_val.observations, full_val.observations)  # held-out set unchanged
+    assert np.bincount(few_train.episode_tasks).tolist() == [3, 3]
+    rows = {tuple(row) for row in full_train.observations.tolist()}
+    assert all(tuple(row) in rows for row in few_train.observations.tolist())  # from the training split
+    # the run's seed picks the subset unless episodes_seed is set
+    def subset(*keys: str):
+        return split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2", "data.episodes=3", *keys))[0]
+
+    np.testing.assert_array_equal(subset("data.episodes_seed=0").observations, few_train.observations)
+    assert not np.array_equal(subset("data.episodes_seed=5").observations, few_train.observations)
+    with pytest.raises(ValueError, match="has only 8 training episodes"):
+        split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2", "data.episodes=9"))
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 4, 20) == pytest.approx(0.25)
     assert lr_factor(3, 4, 20) == pytest.approx(1.0)
@@ -269,6 +289,7 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_old_checkpoints
     ("data.val_fraction=1.0", r"data.val_fraction must be in \[0, 1\)"),
     ("keep_checkpoints=0", "keep_checkpoints must be >= 1"),
     ("eval_steps=[0,-5]", "eval_steps must be updates done"),
+    ("data.episodes=0", "data.episodes must be >= 1"),
     ("optim.learning_rate=1", "Unknown config key 'optim.learning_rate'"),
 ])
 def test_config_errors(override, message):

@@ -304,6 +304,26 @@ class TrajectoryDataset:
             )
         return self._subset(np.flatnonzero(~val_mask)), self._subset(np.flatnonzero(val_mask))
 
+    def take_episodes(self, per_task: int, seed: int) -> TrajectoryDataset:
+        """A seeded subset of `per_task` whole episodes of every task (same normalisation, task ids).
+
+        Each task's episodes are permuted by a generator seeded with (seed, task id) and the first
+        `per_task` kept, in their original order: a smaller subset is part of a larger one at the
+        same seed, and a task's subset does not depend on the other tasks.
+        """
+        if per_task < 1:
+            raise ValueError(f"per_task must be >= 1, got {per_task}.")
+        kept = []
+        for task, name in enumerate(self.task_names):
+            episodes = np.flatnonzero(self.episode_tasks == task)
+            if per_task > len(episodes):
+                raise ValueError(
+                    f"{per_task} episodes per task asked for, but task {name!r} has only {len(episodes)} "
+                    f"training episodes (after the validation split). Fix: ask for at most {len(episodes)} "
+                    f"(train.data.episodes), lower train.data.val_fraction, or collect more episodes.")
+            kept.append(np.random.default_rng([seed, task]).permutation(episodes)[:per_task])
+        return self._subset(np.sort(np.concatenate(kept)))
+
     def _subset(self, episodes: np.ndarray) -> TrajectoryDataset:
         """A new dataset of the given episodes (E',) in that order, with this normalisation."""
         starts, lengths = self.episode_starts[episodes], self.episode_lengths[episodes]
