@@ -5,8 +5,10 @@
 
 The task's data is normalised with the checkpoint's statistics (the network was trained on
 them), never its own. EVA's batches come from the training split only (the validation split
-stays held out) and are drawn with a generator seeded by `eva.seed` alone, so every process of
-a torchrun job computes the same components.
+stays held out; the `train.data.episodes` subset where one is set) and are drawn with a
+generator seeded by `eva.seed` alone. Under torchrun the process group is joined before EVA:
+each process feeds its share of every batch, EVA pools the statistics, and every process ends
+with the components one process computes on the whole batches.
 
 Run directory (`train.out_dir`):
     config.yaml             the resolved FinetuneConfig (reloads with load_config)
@@ -37,7 +39,7 @@ from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import config_to_dict, load_config, save_config
 from eva_rl.storage import atomic_path
 from eva_rl.checkpoint import check_resume_config
-from eva_rl.distributed import is_main_process
+from eva_rl.distributed import Dist, device_type, init_distributed, resolve_device, shutdown
 from eva_rl.train import (DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, check_run_dir,
                           split_data, train)
 
@@ -196,17 +198,27 @@ def task_metadata(policy: nn.Module, dataset: Any) -> Any:
                                target_returns=targets)
 
 
-def _eva_batches(dataset: Any, config: FinetuneConfig, context: int):
+def _eva_batches(dataset: Any, config: FinetuneConfig, context: int, ddp: Dist = Dist()):
     """EVA's windows: from the training split only (the data.episodes subset where one is set),
-    seeded by eva.seed (identical on every process)."""
+    seeded by eva.seed. Every process draws the same eva.batch_size windows and keeps its share
+    (rows rank, rank + world_size, ...): EVA pools the shares, so its components do not depend
+    on the number of processes."""
+    if config.eva.batch_size < ddp.world_size:
+        raise ValueError(f"eva.batch_size ({config.eva.batch_size}) is below the number of processes "
+                         f"({ddp.world_size}): every process needs windows; raise eva.batch_size.")
     data, _ = split_data(dataset, config.train)
     generator = np.random.default_rng([config.eva.seed, 0xE7A])
     for _ in range(config.eva.max_batches):
-        yield data.sample(config.eva.batch_size, context, generator=generator)
+        batch = data.sample(config.eva.batch_size, context, generator=generator)  # (B, K, ...) each
+        yield {key: value[ddp.rank::ddp.world_size] for key, value in batch.items()}
 
 
-def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Path) -> tuple[dict, EvaReport | None]:
-    """EVA's components for `policy` (or those a resumed run saved), and the report (None when reused)."""
+def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Path,
+            ddp: Dist = Dist()) -> tuple[dict, EvaReport | None]:
+    """EVA's components for `policy` (or those a resumed run saved), and the report (None when reused).
+
+    EVA runs on the policy's device; under torchrun (process group joined) every process feeds its
+    share of each batch and all end with the same components."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -221,12 +233,12 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
         log.info("%s was computed from other EVA inputs (checkpoint, data, rank, targets or eva settings); "
                  "computing it again.", saved)
     weights, report = eva_state_dict(
-        policy, _eva_batches(dataset, config, policy.config.context_length), rank=config.rank, rho=config.eva.rho,
+        policy, _eva_batches(dataset, config, policy.config.context_length, ddp), rank=config.rank, rho=config.eva.rho,
         tau=config.eva.tau, tokens=config.eva.tokens, target_modules=config.target_modules,
         max_batches=config.eva.max_batches, backend=config.eva.backend)
     # a matrix cut off at the batch cap gets a less settled A: say so where a user looks
     (log.warning if report.not_converged else log.info)(report.summary())
-    if is_main_process():
+    if ddp.main:
         with atomic_path(saved) as tmp:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"eva_inputs": inputs})
         report.save(out_dir)
@@ -264,38 +276,34 @@ def _eva_inputs(config: FinetuneConfig) -> str:
 
 
 def finetune(config: FinetuneConfig) -> TrainResult:
-    """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring."""
-    from eva_rl.data.trajectories import load_trajectories
+    """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring.
 
-    if not config.train.data.paths:
-        raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
-                         "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
-    raw = load_trajectories(list(config.train.data.paths), return_scale=config.train.data.return_scale)
-    policy = load_pretrained(config, raw)
-    check_fit(policy, raw)
-    config = resolved_config(config, policy)
+    Under torchrun the process group is joined first, so that EVA (on the policy's device) pools
+    its statistics over every process before the training loop reuses the same group.
+    """
+    ddp = init_distributed(device_type(config.train.device))
+    try:
+        return _finetune(config, ddp)
+    finally:
+        shutdown(ddp)
+
+
+def _finetune(config: FinetuneConfig, ddp: Dist) -> TrainResult:
+    config, policy, dataset = _prepare(config)
     out_dir = Path(config.train.out_dir)
-    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
-        _check_same_finetune(config, out_dir / "config.yaml")
-    meta = policy.metadata
-    dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
-                                     meta.return_scale)
-    policy.metadata = task_metadata(policy, dataset)
     spec = methods.get_method(config.method)
-    methods.check_targets(policy, config.method, config.rank, config.target_modules,
-                          config.modules_to_save)  # before any work
-
+    policy.to(resolve_device(config.train.device, ddp.local_rank))
     torch.manual_seed(config.train.seed)  # LoRA's random A
     eva_weights, report = None, None
     if spec.needs_eva:
-        eva_weights, report = run_eva(policy, dataset, config, out_dir)
+        eva_weights, report = run_eva(policy, dataset, config, out_dir, ddp)
     methods.apply_method(policy, config.method, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                          target_modules=config.target_modules, modules_to_save=config.modules_to_save,
                          total_steps=config.train.steps, eva_weights=eva_weights, adalora=config.adalora)
     info = methods.adapter_info(policy)
     log.info("%s: %d trainable of %d parameters (%.2f%%).", config.method, info.trainable_params,
              info.total_params, 100.0 * info.trainable_params / info.total_params)
-    if is_main_process():
+    if ddp.main:
         save_config(config, out_dir / "config.yaml")
 
     def save(trained: nn.Module) -> None:
@@ -317,6 +325,30 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     regularizer = (lambda: methods.regularization_loss(policy)) if spec.uses_rank_schedule else None
     return train(config.train, policy=policy, dataset=dataset, on_step=methods.step_hook(policy),
                  run_info=run_info, on_end=save, regularizer=regularizer)
+
+
+def _prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, nn.Module, Any]:
+    """(the resolved config, the pretrained policy with the task's metadata, the task's data in the
+    policy's normalisation), after every check that needs no heavy work."""
+    from eva_rl.data.trajectories import load_trajectories
+
+    if not config.train.data.paths:
+        raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
+                         "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
+    raw = load_trajectories(list(config.train.data.paths), return_scale=config.train.data.return_scale,
+                            download=config.train.data.download)
+    policy = load_pretrained(config, raw)
+    check_fit(policy, raw)
+    config = resolved_config(config, policy)
+    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
+        _check_same_finetune(config, Path(config.train.out_dir) / "config.yaml")
+    meta = policy.metadata
+    dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
+                                     meta.return_scale)
+    policy.metadata = task_metadata(policy, dataset)
+    methods.check_targets(policy, config.method, config.rank, config.target_modules,
+                          config.modules_to_save)  # before any work
+    return config, policy, dataset
 
 
 def resolved_config(config: FinetuneConfig, policy: nn.Module) -> FinetuneConfig:

@@ -80,6 +80,9 @@ class DataConfig:
     # Seed of that subset (null = the run's seed: each seed sees its own subset, and every method at
     # a seed the same one).
     episodes_seed: int | None = None
+    # Fetch Minari dataset ids that are not on disk with Minari's own download (needs the network);
+    # false: a missing id is an error saying how to get it.
+    download: bool = False
 
     def __post_init__(self) -> None:
         if not self.return_scale > 0:
@@ -695,7 +698,8 @@ def load_dataset(config: TrainConfig) -> Any:
     if not config.data.paths:
         raise ValueError("data.paths is empty: name the datasets to train on, e.g. "
                          "data.paths='[eva-rl/reach-v3-expert-v0]' or a dataset directory.")
-    return load_trajectories(list(config.data.paths), return_scale=config.data.return_scale)
+    return load_trajectories(list(config.data.paths), return_scale=config.data.return_scale,
+                             download=config.data.download)
 
 
 def build_policy(config: TrainConfig, dataset: Any) -> nn.Module:

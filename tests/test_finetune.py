@@ -235,3 +235,43 @@ def test_checkpoint_that_does_not_fit_the_data(setup, tmp_path, capsys) -> None:
         tmp_path / "wide")
     assert main(["finetune", *overrides(setup, tmp_path / "out", checkpoint=str(tmp_path / "wide"))]) == 2
     assert "takes states of 5 and actions of 1 dims but the dataset has 3 and 1" in capsys.readouterr().err
+
+
+def _eva_worker(rank: int, port: int, args: list[str], out: str) -> None:
+    """One of two gloo ranks of a fine-tuning job, started as torchrun would (environment variables)."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    result = finetune(load_config(FinetuneConfig, None, args))
+    torch.save({k: v.detach().clone() for k, v in result.policy.state_dict().items() if "lora_A" in k},
+               Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_distributed_eva_pools_every_process_share_and_matches_one_process(setup, tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    keys = {"method": "eva", "train.steps": 0, "train.eval_every": 0, "train.eval_steps": "[]",
+            "train.checkpoint_every": 0, "eva.max_batches": 4}
+    args = overrides(setup, tmp_path / "two", **keys)
+    # fork: the children reuse the imported modules; each keeps its own rows of every EVA batch
+    mp.start_processes(_eva_worker, args=(port, args, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = finetune(load_config(FinetuneConfig, None, overrides(setup, tmp_path / "one", **keys))).policy
+    single_a = {k: v for k, v in single.state_dict().items() if "lora_A" in k}
+    assert set(ranks[0]) == set(single_a) and single_a
+    for name, a in single_a.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank ends with the same A
+        # one process on the pooled windows: the same subspace (sums in another order)
+        qa, qb = torch.linalg.qr(a.double().T)[0], torch.linalg.qr(ranks[0][name].double().T)[0]
+        assert float(torch.linalg.svdvals(qa.T @ qb).min()) > 0.9999, name
+    report = json.loads((tmp_path / "two" / "eva_report.json").read_text())
+    assert report["tokens_seen"] == json.loads((tmp_path / "one" / "eva_report.json").read_text())["tokens_seen"]
+

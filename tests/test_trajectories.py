@@ -358,6 +358,29 @@ def test_missing_path_and_unknown_id(minari_root: Path, tmp_path: Path):
         load_trajectories([])
 
 
+def test_a_missing_id_says_how_to_get_it_and_download_uses_minaris_own(minari_root: Path, monkeypatch):
+    import minari.storage.local
+
+    with pytest.raises(FileNotFoundError, match=r"minari download eva-rl/remote-v0.*train.data.download=true"):
+        load_trajectories("eva-rl/remote-v0")
+    fetched = []
+
+    def download_dataset(dataset_id: str) -> None:  # stands in for Minari's server (no network here)
+        fetched.append(dataset_id)
+        write_minari(minari_root, dataset_id, [make_episode(4)], task="remote")
+
+    monkeypatch.setattr(minari.storage.local.hosting, "download_dataset", download_dataset)
+    data = load_trajectories("eva-rl/remote-v0", download=True)
+    assert fetched == ["eva-rl/remote-v0"] and data.task_names == ("remote",) and data.num_steps == 4
+
+    def offline(dataset_id: str) -> None:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(minari.storage.local.hosting, "download_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="could not download 'eva-rl/other-v0'.*no route to host"):
+        load_trajectories("eva-rl/other-v0", download=True)
+
+
 def test_directory_that_is_not_a_minari_dataset(tmp_path: Path):
     (tmp_path / "data").mkdir()
     with pytest.raises(ValueError, match=r"is not a Minari dataset: expected .*metadata\.json"):

@@ -36,6 +36,7 @@ def load_trajectories(
     return_scale: float = 1000.0,
     state_mean: np.ndarray | None = None,
     state_std: np.ndarray | None = None,
+    download: bool = False,
 ) -> TrajectoryDataset:
     """Load one or several Minari datasets into one in-memory TrajectoryDataset.
 
@@ -45,6 +46,8 @@ def load_trajectories(
     The task of a source is its metadata key `eva_rl_task`, else its env id, else its dataset id.
     state_mean / state_std (state_dim,) replace the statistics computed from the data (e.g. those
     saved with a pretrained policy); return_scale divides returns-to-go at sampling.
+    download: fetch Minari ids that are not on disk from Minari's server (`minari download`);
+    off, a missing id is an error that says how to get it.
     """
     sources = [paths_or_ids] if isinstance(paths_or_ids, (str, os.PathLike)) else list(paths_or_ids)
     if not sources:
@@ -52,7 +55,7 @@ def load_trajectories(
     episodes: list[dict] = []
     task_names: list[str] = []
     for source in sources:
-        dataset = _open_minari(source)
+        dataset = _open_minari(source, download)
         task = _task_name(dataset)
         if task not in task_names:
             task_names.append(task)
@@ -62,8 +65,9 @@ def load_trajectories(
     )
 
 
-def _open_minari(source: Source) -> Any:
-    """A minari.MinariDataset for a path or a local dataset id; clear errors for anything else."""
+def _open_minari(source: Source, download: bool = False) -> Any:
+    """A minari.MinariDataset for a path or a dataset id (local, or fetched when `download`); clear
+    errors for anything else."""
     import minari  # imported here: minari pulls in a lot and only loading needs it
 
     path = Path(source).expanduser()
@@ -74,6 +78,13 @@ def _open_minari(source: Source) -> Any:
     local = Path(minari.storage.get_dataset_path()) / str(source)
     if local.is_dir():  # an id of a local dataset: open its folder, so a damaged one says what is wrong
         return _open_minari_path(local)
+    if download:
+        try:
+            return minari.load_dataset(str(source), download=True)
+        except Exception as exc:  # minari's hosting raises network, HTTP and lookup errors of many types
+            raise FileNotFoundError(
+                f"Minari could not download {str(source)!r} ({type(exc).__name__}: {exc}). Check the id "
+                "(`minari list remote`) and the network, or pass a dataset directory.") from None
     try:
         return minari.load_dataset(str(source), download=False)
     except (FileNotFoundError, ValueError):
@@ -81,8 +92,10 @@ def _open_minari(source: Source) -> Any:
         raise FileNotFoundError(
             f"{source!r} is neither an existing path nor a local Minari dataset id (looked under "
             f"{root}, set by MINARI_DATASETS_PATH). Fix: pass the dataset directory "
-            "`<root>/<namespace>/<name>-v0`, its data/ folder or its main_data.hdf5, or collect "
-            "the dataset with `eva-rl collect`."
+            "`<root>/<namespace>/<name>-v0`, its data/ folder or its main_data.hdf5, collect "
+            f"the dataset with `eva-rl collect`, or, for a dataset on Minari's server, fetch it with "
+            f"`minari download {source}` or let the run do it (data.download=true; fine-tuning: "
+            f"train.data.download=true)."
         ) from None
 
 
