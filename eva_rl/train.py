@@ -10,7 +10,8 @@ a killed run to exactly the weights an uninterrupted run reaches (on CPU).
 and saves `model/` in the policy's `save_pretrained` format.
 
 The loop itself is `_loop` (one screen); checkpointing lives in `eva_rl.checkpoint`, process
-groups, devices and precision in `eva_rl.distributed`.
+groups, devices and precision in `eva_rl.distributed`. The module runs past 600 lines because
+its configs (a third of it, one documented field at a time) sit beside the loop they configure.
 
 Data parallel: started under `torchrun`, every process samples its own windows (sampler seeded
 by (seed, rank)), gradients are averaged by DDP (gloo on CPU, nccl on CUDA), and rank 0 alone
@@ -53,13 +54,6 @@ from eva_rl.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-# re-exported: the names callers and benchmarks have used from here
-__all__ = ["DataConfig", "PolicySection", "OptimConfig", "TrainConfig", "RunInfo", "TrainResult", "train",
-           "pretrain", "lr_factor", "parameter_groups", "build_optimizer", "count_parameters",
-           "validation_action_error", "load_dataset", "build_policy", "check_run_dir", "write_metrics",
-           "is_main_process", "resolve_device", "resolve_precision", "cpu_supports_bf16", "autocast",
-           "find_checkpoint", "save_checkpoint", "PRECISIONS"]
-find_checkpoint, save_checkpoint = checkpoint.find_checkpoint, checkpoint.save_checkpoint
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -357,6 +351,7 @@ class _Run:
     eval_tasks: tuple[str, ...]
     context: int  # K
     logger: _Log
+    eval_points: frozenset[int] = frozenset()  # evaluation_steps(config)
     window_start: float = 0.0  # perf_counter at the start of the open log window (pauses excluded)
 
     def sample(self, generator: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -395,7 +390,7 @@ def _loop(run: _Run, state: TrainState) -> None:
         if state.step % config.log_every == 0 or state.step == config.steps:
             _log_window(run, state, grad_norm, penalty)
         with run.paused():
-            if _measures_at(config, state.step, bool(run.val_batches)):
+            if state.step in run.eval_points or (run.val_batches and _validates_at(config, state.step)):
                 _measure(run, state, state.step)
             if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
                 _check_finite(state.loss_sum, grad_norm, state.step, run.ddp)  # never save NaN-broken weights
@@ -432,7 +427,7 @@ def _measure(run: _Run, state: TrainState, at: int) -> None:
             history["val_action_error"].append([at, error])
             run.logger.scalars({"val/action_error": error}, at)
             log.info("step %d: validation action error %.4g", at, error)
-        if at in evaluation_steps(config):
+        if at in run.eval_points:
             entry = _eval_entry(_evaluate(policy, config, run.eval_tasks), at)
             history["eval"].append(entry)
             run.logger.scalars({f"eval/{key}": entry[key] for key in ("success_rate", "return_mean")}, at)
@@ -456,10 +451,6 @@ def evaluation_steps(config: TrainConfig) -> list[int]:
 def _validates_at(config: TrainConfig, step: int) -> bool:
     """Validation points: before the first update, every val_every updates, and the last one."""
     return step in (0, config.steps) or bool(config.val_every and step % config.val_every == 0)
-
-
-def _measures_at(config: TrainConfig, step: int, has_val: bool) -> bool:
-    return (has_val and _validates_at(config, step)) or step in evaluation_steps(config)
 
 
 def _record_start(run: _Run, state: TrainState) -> None:
@@ -545,7 +536,8 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
                params=[p for group in optimizer.param_groups for p in group["params"]], train_data=train_data,
                val_batches=_validation_batches(val_data, config, context),
                eval_tasks=config.eval_tasks or tuple(dataset.task_names), context=context,
-               logger=_Log(config, ddp, state.step, run_info.kind, trainable, total))
+               logger=_Log(config, ddp, state.step, run_info.kind, trainable, total),
+               eval_points=frozenset(evaluation_steps(config)))
     if state.step == 0:
         _record_start(run, state)
     _loop(run, state)

@@ -16,8 +16,9 @@ import torch
 
 from eva_rl.config import load_config
 from eva_rl.data.trajectories import TrajectoryDataset
-from eva_rl.train import (RunInfo, TrainConfig, build_policy, evaluation_steps, find_checkpoint, lr_factor, parameter_groups,
-                          save_checkpoint, train)
+from eva_rl.checkpoint import find_checkpoint, save_checkpoint
+from eva_rl.train import (RunInfo, TrainConfig, build_policy, evaluation_steps, lr_factor, parameter_groups,
+                          train)
 
 TINY_POLICY = ["policy.preset=tiny", "policy.hidden_size=16", "policy.n_layer=1", "policy.n_head=1",
                "policy.context_length=4", "policy.max_ep_len=32", "policy.dropout=0.1"]
@@ -352,6 +353,7 @@ def ddp_worker(out: Path, rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -394,6 +396,7 @@ def metaworld_datasets(tmp_path_factory) -> list[str]:
             for task in ("reach-v3", "push-v3")]
 
 
+@pytest.mark.slow
 def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_datasets):
     from eva_rl.cli import main
 

@@ -6,6 +6,9 @@ so a batch of windows is one fancy-indexing gather rather than a Python loop ove
 Windows follow the original Decision Transformer: a start step is drawn uniformly over all steps
 (so episodes are picked in proportion to their length), the window is [start, start + K) clipped
 at the episode end, and a clipped window is LEFT-padded up to K with attention_mask 0.
+
+Past 600 lines because loading, checking every field of untrusted files, splitting and sampling
+share one in-memory layout; split apart, each would have to know it.
 """
 
 from __future__ import annotations
