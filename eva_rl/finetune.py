@@ -5,8 +5,10 @@
 
 The task's data is normalised with the checkpoint's statistics (the network was trained on
 them), never its own. EVA's batches come from the training split only (the validation split
-stays held out) and are drawn with a generator seeded by `eva.seed` alone, so every process of
-a torchrun job computes the same components.
+stays held out; the `train.data.episodes` subset where one is set) and are drawn with a
+generator seeded by `eva.seed` alone. Under torchrun the process group is joined before EVA:
+each process feeds its share of every batch, EVA pools the statistics, and every process ends
+with the components one process computes on the whole batches.
 
 Run directory (`train.out_dir`):
     config.yaml             the resolved FinetuneConfig (reloads with load_config)
@@ -36,8 +38,10 @@ from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import config_to_dict, load_config, save_config
 from eva_rl.storage import atomic_path
-from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainResult, _check_resume_config,
-                          check_run_dir, is_main_process, train)
+from eva_rl.checkpoint import check_resume_config
+from eva_rl.distributed import Dist, device_type, init_distributed, resolve_device, shutdown
+from eva_rl.train import (DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, check_run_dir,
+                          split_data, train)
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +79,10 @@ class EvaSection:
 
 
 def _default_train() -> TrainConfig:
-    # Fine-tuning defaults: a held-out split for the action error, evaluation during the run.
+    # Fine-tuning defaults: a held-out split for the action error, evaluation during the run
+    # from step 0 (the pretrained policy, the baseline every method must beat).
     return TrainConfig(data=DataConfig(val_fraction=0.2), optim=OptimConfig(lr=1e-3, warmup_steps=100),
-                       steps=1000, eval_every=500, eval_episodes=10, val_every=100, log_every=50,
+                       steps=1000, eval_every=500, eval_steps=(0,), eval_episodes=10, val_every=100, log_every=50,
                        checkpoint_every=250, out_dir="runs/finetune")
 
 
@@ -103,13 +108,15 @@ class FinetuneConfig:
     # (state_dim values each); empty = computed from the fine-tuning data.
     state_mean: tuple[float, ...] = ()
     state_std: tuple[float, ...] = ()
-    # Plain checkpoints only: context length K it was trained with.
+    # Context length K a plain checkpoint was trained with (an eva-rl checkpoint's own K replaces
+    # it in the run's resolved config.yaml).
     context_length: int = 20
     # EVA's settings (methods eva and eva_dora).
     eva: EvaSection = field(default_factory=EvaSection)
     # AdaLoRA's settings (method adalora): orthogonality penalty weight and rank schedule.
     adalora: methods.AdaLoraOptions = field(default_factory=methods.AdaLoraOptions)
-    # The training loop: data.paths = the task's dataset(s); the policy section is not used.
+    # The training loop: data.paths = the task's dataset(s). Its policy section must stay unset: the
+    # architecture comes from the checkpoint.
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
@@ -127,6 +134,12 @@ class FinetuneConfig:
                              f"must have the same length, or both be empty.")
         if self.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}.")
+        policy_keys = [f"train.policy.{name}" for name in ("preset", *PolicySection.OVERRIDABLE)
+                       if getattr(self.train.policy, name) != getattr(PolicySection(), name)]
+        if policy_keys:
+            raise ValueError(f"{', '.join(policy_keys)} set in a fine-tuning config: the architecture comes from "
+                             f"the checkpoint, so remove it (a plain DecisionTransformerModel checkpoint's K "
+                             f"is the top-level context_length).")
         if self.method == "adalora":  # before any work: something must be left to prune
             self.adalora.initial_rank(self.rank)
             self.adalora.schedule(self.train.steps)
@@ -185,18 +198,27 @@ def task_metadata(policy: nn.Module, dataset: Any) -> Any:
                                target_returns=targets)
 
 
-def _eva_batches(dataset: Any, config: FinetuneConfig, context: int):
-    """EVA's windows: from the training split only, seeded by eva.seed (identical on every process)."""
-    data = dataset
-    if config.train.data.val_fraction > 0:
-        data, _ = dataset.split(config.train.data.val_fraction, config.train.seed)
+def _eva_batches(dataset: Any, config: FinetuneConfig, context: int, ddp: Dist = Dist()):
+    """EVA's windows: from the training split only (the data.episodes subset where one is set),
+    seeded by eva.seed. Every process draws the same eva.batch_size windows and keeps its share
+    (rows rank, rank + world_size, ...): EVA pools the shares, so its components do not depend
+    on the number of processes."""
+    if config.eva.batch_size < ddp.world_size:
+        raise ValueError(f"eva.batch_size ({config.eva.batch_size}) is below the number of processes "
+                         f"({ddp.world_size}): every process needs windows; raise eva.batch_size.")
+    data, _ = split_data(dataset, config.train)
     generator = np.random.default_rng([config.eva.seed, 0xE7A])
     for _ in range(config.eva.max_batches):
-        yield data.sample(config.eva.batch_size, context, generator=generator)
+        batch = data.sample(config.eva.batch_size, context, generator=generator)  # (B, K, ...) each
+        yield {key: value[ddp.rank::ddp.world_size] for key, value in batch.items()}
 
 
-def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Path) -> tuple[dict, EvaReport | None]:
-    """EVA's components for `policy` (or those a resumed run saved), and the report (None when reused)."""
+def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Path,
+            ddp: Dist = Dist()) -> tuple[dict, EvaReport | None]:
+    """EVA's components for `policy` (or those a resumed run saved), and the report (None when reused).
+
+    EVA runs on the policy's device; under torchrun (process group joined) every process feeds its
+    share of each batch and all end with the same components."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -211,12 +233,12 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
         log.info("%s was computed from other EVA inputs (checkpoint, data, rank, targets or eva settings); "
                  "computing it again.", saved)
     weights, report = eva_state_dict(
-        policy, _eva_batches(dataset, config, policy.config.context_length), rank=config.rank, rho=config.eva.rho,
+        policy, _eva_batches(dataset, config, policy.config.context_length, ddp), rank=config.rank, rho=config.eva.rho,
         tau=config.eva.tau, tokens=config.eva.tokens, target_modules=config.target_modules,
         max_batches=config.eva.max_batches, backend=config.eva.backend)
     # a matrix cut off at the batch cap gets a less settled A: say so where a user looks
     (log.warning if report.not_converged else log.info)(report.summary())
-    if is_main_process():
+    if ddp.main:
         with atomic_path(saved) as tmp:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"eva_inputs": inputs})
         report.save(out_dir)
@@ -240,7 +262,7 @@ def _check_same_finetune(config: FinetuneConfig, saved_path: Path) -> None:
             data["train"].pop(key, None)
         return data
 
-    _check_resume_config(comparable(load_config(FinetuneConfig, saved_path)), comparable(config))
+    check_resume_config(comparable(load_config(FinetuneConfig, saved_path)), comparable(config))
 
 
 def _eva_inputs(config: FinetuneConfig) -> str:
@@ -249,41 +271,39 @@ def _eva_inputs(config: FinetuneConfig) -> str:
     return json.dumps({"checkpoint": str(Path(config.checkpoint).resolve()), "rank": config.rank,
                        "target_modules": list(config.target_modules), "eva": dataclasses.asdict(config.eva),
                        "data": list(config.train.data.paths), "val_fraction": config.train.data.val_fraction,
+                       "episodes": config.train.data.episodes, "episodes_seed": config.train.data.episodes_seed,
                        "seed": config.train.seed}, sort_keys=True)
 
 
 def finetune(config: FinetuneConfig) -> TrainResult:
-    """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring."""
-    from eva_rl.data.trajectories import load_trajectories
+    """Fine-tune config.checkpoint on config.train.data with config.method; see the module docstring.
 
+    Under torchrun the process group is joined first, so that EVA (on the policy's device) pools
+    its statistics over every process before the training loop reuses the same group.
+    """
+    ddp = init_distributed(device_type(config.train.device))
+    try:
+        return _finetune(config, ddp)
+    finally:
+        shutdown(ddp)
+
+
+def _finetune(config: FinetuneConfig, ddp: Dist) -> TrainResult:
+    config, policy, dataset = _prepare(config)
     out_dir = Path(config.train.out_dir)
-    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
-        _check_same_finetune(config, out_dir / "config.yaml")
-    if not config.train.data.paths:
-        raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
-                         "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
-    raw = load_trajectories(list(config.train.data.paths), return_scale=config.train.data.return_scale)
-    policy = load_pretrained(config, raw)
-    check_fit(policy, raw)
-    meta = policy.metadata
-    dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
-                                     meta.return_scale)
-    policy.metadata = task_metadata(policy, dataset)
     spec = methods.get_method(config.method)
-    methods.check_targets(policy, config.method, config.rank, config.target_modules,
-                          config.modules_to_save)  # before any work
-
+    policy.to(resolve_device(config.train.device, ddp.local_rank))
     torch.manual_seed(config.train.seed)  # LoRA's random A
     eva_weights, report = None, None
     if spec.needs_eva:
-        eva_weights, report = run_eva(policy, dataset, config, out_dir)
+        eva_weights, report = run_eva(policy, dataset, config, out_dir, ddp)
     methods.apply_method(policy, config.method, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                          target_modules=config.target_modules, modules_to_save=config.modules_to_save,
                          total_steps=config.train.steps, eva_weights=eva_weights, adalora=config.adalora)
     info = methods.adapter_info(policy)
     log.info("%s: %d trainable of %d parameters (%.2f%%).", config.method, info.trainable_params,
              info.total_params, 100.0 * info.trainable_params / info.total_params)
-    if is_main_process():
+    if ddp.main:
         save_config(config, out_dir / "config.yaml")
 
     def save(trained: nn.Module) -> None:
@@ -297,13 +317,46 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
     eva_seconds = report.seconds if report is not None else _saved_eva_seconds(out_dir)
     task = dataset.task_names[0] if len(dataset.task_names) == 1 else ",".join(dataset.task_names)
-    run_info = RunInfo(kind="finetune", task=task, method=config.method,
-                       rank=None if spec.build_config is None else config.rank, eva_seconds=eva_seconds)
+    run_info = RunInfo(kind="finetune", task=task, extra={
+        "method": config.method, "rank": None if spec.build_config is None else config.rank,
+        "eva_seconds": eva_seconds})
     # AdaLoRA's orthogonality penalty: PEFT adds it only to outputs carrying a `.loss`, which the
     # DT's do not, so the training loop adds it (and logs it apart from the action MSE).
     regularizer = (lambda: methods.regularization_loss(policy)) if spec.uses_rank_schedule else None
     return train(config.train, policy=policy, dataset=dataset, on_step=methods.step_hook(policy),
                  run_info=run_info, on_end=save, regularizer=regularizer)
+
+
+def _prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, nn.Module, Any]:
+    """(the resolved config, the pretrained policy with the task's metadata, the task's data in the
+    policy's normalisation), after every check that needs no heavy work."""
+    from eva_rl.data.trajectories import load_trajectories
+
+    if not config.train.data.paths:
+        raise ValueError("train.data.paths is empty: name the fine-tuning task's dataset(s), e.g. "
+                         "train.data.paths='[eva-rl/push-v3-expert-v0]'.")
+    raw = load_trajectories(list(config.train.data.paths), return_scale=config.train.data.return_scale,
+                            download=config.train.data.download)
+    policy = load_pretrained(config, raw)
+    check_fit(policy, raw)
+    config = resolved_config(config, policy)
+    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
+        _check_same_finetune(config, Path(config.train.out_dir) / "config.yaml")
+    meta = policy.metadata
+    dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
+                                     meta.return_scale)
+    policy.metadata = task_metadata(policy, dataset)
+    methods.check_targets(policy, config.method, config.rank, config.target_modules,
+                          config.modules_to_save)  # before any work
+    return config, policy, dataset
+
+
+def resolved_config(config: FinetuneConfig, policy: nn.Module) -> FinetuneConfig:
+    """`config` with what the run really uses in place of defaults: the checkpoint's context length
+    and return scale (an eva-rl checkpoint carries its own), so config.yaml says what was used."""
+    data = dataclasses.replace(config.train.data, return_scale=float(policy.metadata.return_scale))
+    return dataclasses.replace(config, context_length=int(policy.config.context_length),
+                               train=dataclasses.replace(config.train, data=data))
 
 
 def _saved_eva_seconds(out_dir: Path) -> float | None:

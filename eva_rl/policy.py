@@ -36,6 +36,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.pytorch_utils import Conv1D
 
 import eva_rl
+from eva_rl.distributed import cpu_supports_bf16
 from eva_rl.storage import atomic_dir
 
 METADATA_FILE = "eva_rl.json"
@@ -520,7 +521,7 @@ class DecisionTransformerPolicy(nn.Module):
         (a number or one per env). `bf16=True` runs `act` in bfloat16 autocast."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
-        if bf16 and self.device.type == "cpu" and not _cpu_has_native_bf16():
+        if bf16 and self.device.type == "cpu" and not cpu_supports_bf16():
             warnings.warn("bf16 inference on this CPU is emulated (no AVX512-BF16/AMX) and much slower than fp32; "
                           "use fp32 here.", RuntimeWarning, stacklevel=2)
         ctx = RolloutContext(
@@ -810,13 +811,6 @@ def _last_query_qkv(c_attn: nn.Module, h: torch.Tensor | None, qkv0: torch.Tenso
         return q, key, value
     q, key, value = c_attn(h).split(hidden, dim=-1)
     return q[:, -1:], key, value
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _check_model_matches(model_config: DecisionTransformerConfig, config: PolicyConfig) -> None:

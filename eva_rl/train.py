@@ -9,6 +9,10 @@ a killed run to exactly the weights an uninterrupted run reaches (on CPU).
 `pretrain(config)` loads the datasets, builds the policy from their dims and a preset, trains,
 and saves `model/` in the policy's `save_pretrained` format.
 
+The loop itself is `_loop` (one screen); checkpointing lives in `eva_rl.checkpoint`, process
+groups, devices and precision in `eva_rl.distributed`. The module runs past 600 lines because
+its configs (a third of it, one documented field at a time) sit beside the loop they configure.
+
 Data parallel: started under `torchrun`, every process samples its own windows (sampler seeded
 by (seed, rank)), gradients are averaged by DDP (gloo on CPU, nccl on CUDA), and rank 0 alone
 writes checkpoints, logs, evaluations and metrics.
@@ -16,8 +20,7 @@ writes checkpoints, logs, evaluations and metrics.
 Run directory (`out_dir`):
     config.yaml          the resolved TrainConfig (pretrain), reloads with load_config
     tb/                  tensorboard events
-    checkpoints/step_<n>/  model.safetensors + trainer.pt (optimizer, scheduler, RNG of every rank,
-                         hook state) + meta.json (step, history, config); `latest` names the newest
+    checkpoints/step_<n>/  see eva_rl.checkpoint; `latest` names the newest
     model/               the final policy (pretrain)
     metrics.json         written last: its presence means the run finished
 """
@@ -25,30 +28,32 @@ Run directory (`out_dir`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
 import math
 import os
-import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from eva_rl import checkpoint
+from eva_rl.checkpoint import TrainState
 from eva_rl.config import config_to_dict, save_config
+from eva_rl.distributed import (PRECISIONS, Dist, all_mean, autocast, barrier, cpu_supports_bf16, device_type,
+                                init_distributed, is_main_process, resolve_device, resolve_precision, shutdown)
+from eva_rl.policy import PolicyConfig
 from eva_rl.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
-CHECKPOINT_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -63,32 +68,48 @@ class DataConfig:
     val_fraction: float = 0.0
     # Sample windows so that every task is equally likely (else proportional to its steps).
     balance_tasks: bool = False
+    # Training episodes per task: a seeded subset drawn after the validation split, so the held-out
+    # episodes are the same for every size (null = all; the low-data regime sweeps it).
+    episodes: int | None = None
+    # Seed of that subset (null = the run's seed: each seed sees its own subset, and every method at
+    # a seed the same one).
+    episodes_seed: int | None = None
+    # Fetch Minari dataset ids that are not on disk with Minari's own download (needs the network);
+    # false: a missing id is an error saying how to get it.
+    download: bool = False
 
     def __post_init__(self) -> None:
         if not self.return_scale > 0:
             raise ValueError(f"data.return_scale must be > 0, got {self.return_scale}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}.")
+        if self.episodes is not None and self.episodes < 1:
+            raise ValueError(f"data.episodes must be >= 1 or null (all), got {self.episodes}.")
 
 
-@dataclass(frozen=True)
-class PolicySection:
-    # Name of a PolicyConfig preset: tiny (tests), small (CPU experiments), paper (EVA paper's DT).
-    preset: str = "small"
-    # Each of the following overrides the preset's value when set (None keeps the preset's).
-    hidden_size: int | None = None  # width of the GPT-2 blocks
-    n_layer: int | None = None  # number of GPT-2 blocks
-    n_head: int | None = None  # attention heads per block
-    context_length: int | None = None  # K: steps per training window and per inference context
-    max_ep_len: int | None = None  # timestep embedding size: every timestep in the data must be below it
-    dropout: float | None = None  # dropout in embeddings, attention and MLP
-    activation: str | None = None  # MLP activation (relu, gelu, ...)
-    action_tanh: bool | None = None  # squash predicted actions into [-1, 1]
+def _policy_section() -> type:
+    """PolicySection: a preset name plus every architecture field of PolicyConfig as an optional
+    override (None keeps the preset's value). Derived from PolicyConfig, where each field is
+    documented, so the two cannot drift apart; state_dim/act_dim come from the data."""
+    hints = typing.get_type_hints(PolicyConfig)
+    overridable = [f.name for f in dataclasses.fields(PolicyConfig) if f.name not in ("state_dim", "act_dim")]
 
-    def overrides(self) -> dict[str, Any]:
+    def overrides(self: Any) -> dict[str, Any]:
         """The fields set here, as keyword overrides for `PolicyConfig.from_preset`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "preset" and getattr(self, f.name) is not None}
+        return {name: getattr(self, name) for name in overridable if getattr(self, name) is not None}
+
+    fields = [("preset", str, field(default="small"))]  # tiny (tests), small (CPU experiments), paper
+    fields += [(name, typing.Optional[hints[name]], field(default=None)) for name in overridable]
+    section = dataclasses.make_dataclass("PolicySection", fields, frozen=True,
+                                         namespace={"overrides": overrides, "OVERRIDABLE": tuple(overridable)})
+    section.__module__ = __name__  # pickling and OmegaConf find the class here
+    return section
+
+
+# Architecture of a policy train/pretrain builds: `preset` (a PolicyConfig preset: tiny, small,
+# paper) and PolicyConfig's fields hidden_size, n_layer, n_head, context_length, max_ep_len,
+# dropout, activation, action_tanh, each overriding the preset's value when set.
+PolicySection = _policy_section()
 
 
 @dataclass(frozen=True)
@@ -143,10 +164,12 @@ class TrainConfig:
     compile: bool = False
     # Updates between loss/lr/grad-norm/throughput log points (also the progress bar's refresh).
     log_every: int = 100
-    # Updates between evaluations on the training tasks (0 = never; the last update is always one).
+    # Updates between evaluations on the training tasks (0 = none but eval_steps). Whenever any
+    # evaluation is configured, the last update is evaluated too.
     eval_every: int = 0
-    # Also evaluate before the first update (a step-0 point in the success curve).
-    eval_at_start: bool = False
+    # More points of the success curve, as updates done (0 = the policy before any update); points
+    # beyond `steps` are skipped. Every method and seed is evaluated on the same starts (eval_seed).
+    eval_steps: tuple[int, ...] = ()
     # Episodes per task in each evaluation.
     eval_episodes: int = 10
     # Parallel envs in each evaluation.
@@ -184,6 +207,8 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
+        if any(step < 0 for step in self.eval_steps):
+            raise ValueError(f"eval_steps must be updates done (>= 0), got {list(self.eval_steps)}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -196,13 +221,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Who this run is, for metrics.json (fine-tuning fills task/method/rank/eva_seconds)."""
+    """Who this run is, for metrics.json."""
 
     kind: str = "pretrain"  # "pretrain" | "finetune"
-    task: str | None = None  # the fine-tuning task
-    method: str | None = None  # fine-tuning method name (lora, eva, ...)
-    rank: int | None = None  # adapter rank
-    eva_seconds: float | None = None  # seconds spent in EVA initialisation
+    task: str | None = None  # the fine-tuning task(s), comma-separated
+    # more metrics.json fields from the caller (fine-tuning adds method, rank, eva_seconds); the
+    # loop writes them as given and knows nothing of what they mean
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -262,30 +287,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device` (None = plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_supports_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device`, or nothing for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 class _LossModule(nn.Module):
     """Wraps a policy so that DDP and torch.compile see `policy.loss(batch)` (and the method's
     regularisation term, computed in the same forward so DDP sees its gradients) as the forward."""
@@ -299,137 +300,308 @@ class _LossModule(nn.Module):
         return self.policy.loss(batch), self.regularizer() if self.regularizer is not None else None
 
 
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    created: bool = False  # this call initialised the process group (and destroys it at the end)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
-def is_main_process() -> bool:
-    """True outside torchrun and on its rank 0: the process that writes configs and files
-    before the training loop's own process group exists."""
-    return int(os.environ.get("RANK", "0")) == 0
+# --- the loop ----------------------------------------------------------------------------------
+
+class _Log:
+    """Tensorboard and the progress bar, on rank 0; every call does nothing on the other ranks."""
+
+    def __init__(self, config: TrainConfig, ddp: Dist, step: int, kind: str, trainable: int, total: int) -> None:
+        self.writer = self.bar = None
+        if not ddp.main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.writer = SummaryWriter(str(Path(config.out_dir) / "tb"), purge_step=step if step else None)
+        self.scalars({"params/trainable": trainable, "params/total": total}, step)
+        self.bar = tqdm(total=config.steps, initial=step, disable=not config.progress, dynamic_ncols=True,
+                        desc=kind)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def bar_update(self, steps: int = 0, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.bar.close()
+            self.writer.flush()
+            self.writer.close()
 
 
-def _init_distributed(device_type: str) -> _Dist:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA), or run as one process."""
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return _Dist()
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created=True)
+@dataclass
+class _Run:
+    """What stays fixed while the loop runs: the config, where it runs, the data, the outputs."""
+
+    config: TrainConfig
+    ddp: Dist
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype (None = fp32)
+    model: nn.Module  # what the loop calls: policy.loss (+ regulariser) under DDP / torch.compile
+    params: list[nn.Parameter]  # the optimised parameters (for clipping)
+    train_data: Any  # the training split (a TrajectoryDataset)
+    val_batches: list[dict[str, torch.Tensor]]  # fixed held-out windows (empty = no validation)
+    eval_tasks: tuple[str, ...]
+    context: int  # K
+    logger: _Log
+    eval_points: frozenset[int] = frozenset()  # evaluation_steps(config)
+    window_start: float = 0.0  # perf_counter at the start of the open log window (pauses excluded)
+
+    def sample(self, generator: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A batch of training windows on the device: (B, K, state_dim) states etc. + (B, act_dim) action_mask."""
+        batch = self.train_data.sample(self.config.batch_size, self.context, generator=generator,
+                                       balance_tasks=self.config.data.balance_tasks)
+        return _to_device(_with_action_mask(batch, self.train_data), self.device)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Evaluation and checkpoints inside this block do not count as training time."""
+        start = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - start
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The torch device for config.device (`auto` = CUDA when present); CUDA under torchrun = cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but torch sees no CUDA device. Use device=cpu or device=auto.")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+def _loop(run: _Run, state: TrainState) -> None:
+    """Updates from state.step to config.steps: sample, forward, loss, backward, clip, step,
+    schedule, hooks, log, validation/evaluation, checkpoint."""
+    config, optimizer = run.config, state.optimizer
+    run.window_start = time.perf_counter()
+    while state.step < config.steps:
+        batch = run.sample(state.generator)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(run.device, run.dtype):
+            loss, penalty = run.model(batch)  # masked action MSE averaged over real steps; regulariser or None
+        (loss if penalty is None else loss + penalty).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.optim.grad_clip or float("inf"))
+        optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.loss_sum += loss.detach().float()
+        state.window_steps += 1
+        if state.hook is not None:
+            state.hook(state.step)  # with this update's gradients still in place (AdaLoRA's allocation)
+        if state.step % config.log_every == 0 or state.step == config.steps:
+            _log_window(run, state, grad_norm, penalty)
+        with run.paused():
+            if state.step in run.eval_points or (run.val_batches and _validates_at(config, state.step)):
+                _measure(run, state, state.step)
+            if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
+                _check_finite(state.loss_sum, grad_norm, state.step, run.ddp)  # never save NaN-broken weights
+                checkpoint.save_state(Path(config.out_dir) / "checkpoints", state, config_to_dict(config),
+                                      config.keep_checkpoints, run.ddp)
 
 
-# --- checkpoints -------------------------------------------------------------------------------
+def _log_window(run: _Run, state: TrainState, grad_norm: torch.Tensor, penalty: torch.Tensor | None) -> None:
+    """Close the log window: mean loss over it (all ranks), lr, gradient norm, throughput."""
+    step = state.step
+    _check_finite(state.loss_sum, grad_norm, step, run.ddp)
+    seconds = time.perf_counter() - run.window_start
+    state.history["train_seconds"] += seconds
+    mean_loss = float(all_mean(state.loss_sum, run.ddp)) / state.window_steps
+    state.history["train_loss"].append([step, mean_loss])
+    run.logger.scalars({"train/loss": mean_loss, "train/lr": state.scheduler.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm),
+                        "train/updates_per_second": state.window_steps / seconds}
+                       | ({} if penalty is None else {"train/regularization": float(penalty.detach())}), step)
+    run.logger.bar_update(state.window_steps, loss=f"{mean_loss:.4g}")
+    if run.ddp.main:
+        log.info("step %d: loss %.4g, lr %.3g, grad norm %.3g, %.1f updates/s", step, mean_loss,
+                 state.scheduler.get_last_lr()[0], float(grad_norm), state.window_steps / seconds)
+    state.loss_sum.zero_()
+    state.window_steps, run.window_start = 0, time.perf_counter()
 
-def _step_dir(checkpoints: Path, step: int) -> Path:
-    return checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+def _measure(run: _Run, state: TrainState, at: int) -> None:
+    """Validation and evaluation due at update `at` (rank 0), then every rank waits for it."""
+    config, history, policy = run.config, state.history, state.policy
+    if run.ddp.main:
+        if run.val_batches and _validates_at(config, at):
+            error = validation_action_error(policy, run.val_batches, run.device, run.dtype)
+            history["val_action_error"].append([at, error])
+            run.logger.scalars({"val/action_error": error}, at)
+            log.info("step %d: validation action error %.4g", at, error)
+        if at in run.eval_points:
+            entry = _eval_entry(_evaluate(policy, config, run.eval_tasks), at)
+            history["eval"].append(entry)
+            run.logger.scalars({f"eval/{key}": entry[key] for key in ("success_rate", "return_mean")}, at)
+            run.logger.bar_update(loss=_last(history["train_loss"]), success=entry["success_rate"])
+            log.info("step %d: success %.3f +- %.3f, return %.4g over %d episodes", at, entry["success_rate"],
+                     entry["success_stderr"], entry["return_mean"], entry["episodes"])
+    barrier(run.ddp)
 
 
-def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, trainer_state: dict, meta: dict,
-                    keep: int) -> Path:
-    """Write checkpoint `step` atomically: a temp dir, fsynced files, a rename, then the `latest` pointer.
+def evaluation_steps(config: TrainConfig) -> list[int]:
+    """The updates-done counts at which the policy is evaluated, sorted: eval_steps, multiples of
+    eval_every and, when any evaluation is configured, the last update."""
+    points = {step for step in config.eval_steps if step <= config.steps}
+    if config.eval_every:
+        points |= set(range(config.eval_every, config.steps + 1, config.eval_every))
+    if points or config.eval_every:
+        points.add(config.steps)
+    return sorted(points)
 
-    A crash at any point leaves either the previous checkpoints untouched or the new one complete;
-    a leftover temp dir is ignored by `find_checkpoint` and removed by the next save.
+
+def _validates_at(config: TrainConfig, step: int) -> bool:
+    """Validation points: before the first update, every val_every updates, and the last one."""
+    return step in (0, config.steps) or bool(config.val_every and step % config.val_every == 0)
+
+
+def _record_start(run: _Run, state: TrainState) -> None:
+    """Step-0 points of a fresh run: the training loss on the first batch the loop will train on
+    (no update; drawn from a copy of the sampler, dropout under a forked RNG, so the run itself
+    is unchanged), then validation and evaluation of the policy before any update."""
+    batch = run.sample(copy.deepcopy(state.generator))
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(run.device, run.dtype):
+        loss = state.policy.loss(batch).float()
+    start_loss = float(all_mean(loss, run.ddp))
+    state.history["train_loss"].append([0, start_loss])
+    run.logger.scalars({"train/loss": start_loss}, 0)
+    if run.ddp.main:
+        log.info("step 0: loss %.4g (before any update)", start_loss)
+    _measure(run, state, 0)
+
+
+def _check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, step: int, ddp: Dist) -> None:
+    """Stop (on every rank alike) once a loss or gradient norm is NaN/inf: the weights are broken."""
+    values = all_mean(torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]), ddp)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"Training loss or gradient norm became non-finite by update {step}. Lower optim.lr, "
+                         f"keep optim.grad_clip on, or check the dataset for NaN/inf values.")
+
+
+def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any = None,
+          on_step: Callable[[int], None] | None = None, run_info: RunInfo = RunInfo(),
+          on_end: Callable[[nn.Module], None] | None = None,
+          regularizer: Callable[[], torch.Tensor | None] | None = None) -> TrainResult:
+    """Train `policy` on `dataset` offline for config.steps updates; write checkpoints, logs, metrics.json.
+
+    policy: a DecisionTransformerPolicy (or a PEFT model wrapping one) with `loss(batch) -> scalar`.
+        Only parameters with requires_grad are optimised: freeze what must not train before calling.
+        None: built from config.policy and the dataset's dims (seeded by config.seed).
+    dataset: a TrajectoryDataset (None: loaded from config.data). With data.val_fraction > 0 it is
+        split by whole episodes into train and validation parts.
+    on_step: called as on_step(step) after every optimizer update, step = updates done so far
+        (1..config.steps), with the gradients of that update still in place (AdaLoRA's
+        `update_and_allocate` needs them), before any checkpoint of that step. If it has
+        `state_dict()` / `load_state_dict(state)`, its state is checkpointed and restored too.
+    run_info: kind/task, and extra fields the caller wants in metrics.json.
+    on_end: called with the trained policy on rank 0 before metrics.json is written (save the
+        model or adapter there, so that metrics.json's presence means the run is complete).
+    regularizer: a term added to the loss for the gradient only (AdaLoRA's orthogonality penalty).
+        train/loss and metrics.json's train_loss stay the action MSE, comparable across methods;
+        the term is logged as train/regularization.
     """
-    from safetensors.torch import save_model
-
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    for leftover in checkpoints.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    final = _step_dir(checkpoints, step)
-    tmp = checkpoints / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer.pt")
-    # meta.json is written last: a directory with it is complete.
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}))
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)  # the files' directory entries, before the dir gets its final name
-    replaced = None
-    if final.exists():  # a re-save of this step (resumed past a damaged copy): set it aside, not delete it first
-        replaced = checkpoints / f"{TMP_PREFIX}{final.name}-old-{os.getpid()}"
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    _fsync_dir(checkpoints)  # make the rename itself durable
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
-    write_text_atomic(checkpoints / "latest", final.name + "\n")
-    # Count only complete checkpoints: a stray step_* dir without its files must not push a good one out.
-    for old in complete_checkpoints(checkpoints)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    directory = os.open(path, os.O_RDONLY)
+    ddp = init_distributed(device_type(config.device))
     try:
-        os.fsync(directory)
+        return _train(config, policy, dataset, on_step, run_info, on_end, regularizer, ddp)
     finally:
-        os.close(directory)
+        shutdown(ddp)
 
 
-def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Complete checkpoint dirs, newest first.
+def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step: Callable[[int], None] | None,
+           run_info: RunInfo, on_end: Callable[[nn.Module], None] | None,
+           regularizer: Callable[[], torch.Tensor | None] | None, ddp: Dist) -> TrainResult:
+    out_dir = Path(config.out_dir)
+    device, dtype = _device_and_precision(config, ddp)
+    found = check_run_dir(config)  # before any work: a refused run fails fast
+    if dataset is None:
+        dataset = load_dataset(config)
+    if policy is None:
+        policy = build_policy(config, dataset)
+    train_data, val_data = split_data(dataset, config)
+    context = _context_length(policy)
 
-    A step_* dir only gets its name once complete (see `save_checkpoint`), so the highest one with
-    all its files is the newest good one, even where a crash came between its rename and the
-    `latest` pointer (which is kept for people and tools reading the run dir).
-    """
-    if not checkpoints.is_dir():
+    policy.to(device).train()
+    trainable, total = count_parameters(policy)
+    if trainable == 0:
+        raise ValueError("No parameter of the policy has requires_grad=True: nothing to train.")
+    optimizer, scheduler = build_optimizer(policy, config.optim, config.steps)
+    torch.manual_seed(config.seed + ddp.rank)
+    state = TrainState(policy, optimizer, scheduler, np.random.default_rng([config.seed, ddp.rank]), device,
+                       hook=on_step, loss_sum=torch.zeros((), device=device))
+    if found is not None:
+        resumed = checkpoint.resume_state(out_dir / "checkpoints", state, config_to_dict(config), ddp)
+        log.info("Resuming from %s (step %d of %d).", resumed, state.step, config.steps)
+    log.info("Trainable parameters: %d of %d (%.2f%%); device %s, precision %s, %d process(es).",
+             trainable, total, 100.0 * trainable / total, device, dtype or "fp32", ddp.world_size)
+    run = _Run(config, ddp, device, dtype, model=_wrap(policy, config, device, ddp, regularizer),
+               params=[p for group in optimizer.param_groups for p in group["params"]], train_data=train_data,
+               val_batches=_validation_batches(val_data, config, context),
+               eval_tasks=config.eval_tasks or tuple(dataset.task_names), context=context,
+               logger=_Log(config, ddp, state.step, run_info.kind, trainable, total),
+               eval_points=frozenset(evaluation_steps(config)))
+    if state.step == 0:
+        _record_start(run, state)
+    _loop(run, state)
+
+    metrics = _metrics(config, run_info, trainable, total, state.history,
+                       _eval_protocol(config, policy, run.eval_tasks))
+    run.logger.close()
+    if ddp.main:
+        if on_end is not None:
+            on_end(policy)
+        write_metrics(out_dir / "metrics.json", metrics)
+    barrier(ddp)
+    return TrainResult(policy=policy, metrics=metrics, out_dir=out_dir, steps=state.step)
+
+
+def _device_and_precision(config: TrainConfig, ddp: Dist) -> tuple[torch.device, torch.dtype | None]:
+    device = resolve_device(config.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_precision(config.precision, device)
+    if dtype is not None and device.type == "cpu" and not cpu_supports_bf16():
+        log.warning("precision=bf16 on a CPU without native bf16 matmul (AVX512-BF16/AMX): bf16 is emulated "
+                    "and several times slower than fp32 here. precision=auto picks fp32 on such CPUs.")
+    return device, dtype
+
+
+def _wrap(policy: nn.Module, config: TrainConfig, device: torch.device, ddp: Dist,
+          regularizer: Callable[[], torch.Tensor | None] | None) -> nn.Module:
+    """The module the loop calls: `policy.loss` as forward, under DDP and torch.compile when asked."""
+    model: nn.Module = _LossModule(policy, regularizer)
+    if ddp.world_size > 1:
+        # Unused heads (state/return prediction) get no gradient from the action loss.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
+    return torch.compile(model) if config.compile else model
+
+
+def _validation_batches(val_data: Any, config: TrainConfig, context: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed held-out windows (the same at every measurement, so the curve compares like with like)."""
+    if val_data is None:
         return []
-    files = ("meta.json", "trainer.pt", "model.safetensors")
-    return [path for path in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
-            if path.is_dir() and all((path / name).is_file() for name in files)]
+    val_generator = np.random.default_rng([config.seed, 1 << 20])
+    return [_with_action_mask(val_data.sample(config.batch_size, context, generator=val_generator), val_data)
+            for _ in range(config.val_batches)]
 
 
-def find_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint dir, or None."""
-    found = complete_checkpoints(checkpoints)
-    return found[0] if found else None
+def _last(points: list) -> float | None:
+    return points[-1][1] if points else None
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict, dict]:
-    """Load weights into `model` (strict) and return (trainer_state, meta). Never unpickles arbitrary objects."""
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    meta = json.loads((path / "meta.json").read_text())
-    return trainer_state, meta
-
-
-def _load_newest_good(checkpoints: Path, model: nn.Module) -> tuple[Path, dict, dict] | None:
-    """Load the newest checkpoint that reads back whole; an unreadable one (disk trouble) is skipped
-    with a warning, and the next older one, loaded strictly over it, replaces anything it set."""
-    for path in complete_checkpoints(checkpoints):
-        try:
-            return (path, *load_checkpoint(path, model))
-        except Exception as exc:  # a damaged file: any reader error; fall back to an older checkpoint
-            log.warning("Checkpoint %s does not load (%s: %s); trying an older one.", path, type(exc).__name__, exc)
-    return None
+def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int, history: dict,
+             protocol: dict) -> dict:
+    """metrics.json content, in the contract's format."""
+    final_eval = history["eval"][-1] if history["eval"] and history["eval"][-1]["step"] == config.steps else {}
+    return {
+        "kind": run_info.kind, "task": run_info.task, **run_info.extra,
+        "seed": config.seed, "trainable_params": trainable, "total_params": total,
+        "train_seconds": float(history["train_seconds"]),
+        "train_loss": history["train_loss"], "val_action_error": history["val_action_error"],
+        "eval": sorted(history["eval"], key=lambda entry: entry["step"]), "eval_protocol": protocol,
+        "final": {key: final_eval.get(key)
+                  for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
+        | {"train_loss": _last(history["train_loss"]), "val_action_error": _last(history["val_action_error"])},
+    }
 
 
 def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
@@ -437,37 +609,35 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
     write_text_atomic(Path(path), json.dumps(metrics, indent=1) + "\n")
 
 
-def _rng_state(generator: np.random.Generator, device: torch.device) -> dict:
-    state = {"numpy": json.dumps(generator.bit_generator.state), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, generator: np.random.Generator, device: torch.device) -> None:
-    generator.bit_generator.state = json.loads(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _gather(obj: Any, ddp: _Dist) -> list:
-    """Every rank's `obj`, in rank order (a one-element list in a single process)."""
-    if ddp.world_size == 1:
-        return [obj]
-    out: list = [None] * ddp.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # --- evaluation and validation -----------------------------------------------------------------
 
 def _eval_entry(result: Any, step: int) -> dict:
-    """The metrics.json eval record for one EvalResult (suite-level aggregates)."""
-    suite = result.suite
+    """The metrics.json eval record for one EvalResult: suite aggregates, and per task its
+    successes and every episode's success in episode order (for paired and per-episode statistics)."""
+    suite, per_task = result.suite, {}
+    for task, measures in result.tasks.items():
+        records = sorted((r for r in result.episodes if r.task == task), key=lambda r: r.episode)
+        successes = [int(bool(r.success)) for r in records]
+        per_task[task] = {"success_rate": float(measures["success"]["mean"]), "successes": sum(successes),
+                          "episodes": len(records), "return_mean": float(measures["return"]["mean"]),
+                          "episode_success": successes}
     return {"step": step,
             "success_rate": float(suite["success"]["mean"]), "success_stderr": float(suite["success"]["stderr"]),
-            "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"])}
+            "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"]),
+            "episodes": len(result.episodes), "per_task": per_task}
+
+
+def _eval_protocol(config: TrainConfig, policy: nn.Module, tasks: tuple[str, ...]) -> dict:
+    """How every evaluation of the run was made: the same seed, episodes and targets at each step."""
+    steps = evaluation_steps(config)
+    targets: dict[str, float] = {}
+    if steps:  # the tasks are only resolved (suite names expanded) when something is evaluated
+        from eva_rl.envs import resolve_tasks
+
+        known = dict(policy.metadata.target_returns)
+        targets = {task: float(known[task]) for task in resolve_tasks(list(tasks)) if task in known}
+    return {"seed": config.eval_seed, "episodes": config.eval_episodes, "num_envs": config.eval_num_envs,
+            "horizon": config.eval_horizon, "target_returns": targets, "steps": steps}
 
 
 def _evaluate(policy: nn.Module, config: TrainConfig, tasks: tuple[str, ...]) -> Any:
@@ -520,12 +690,13 @@ def load_dataset(config: TrainConfig) -> Any:
     if not config.data.paths:
         raise ValueError("data.paths is empty: name the datasets to train on, e.g. "
                          "data.paths='[eva-rl/reach-v3-expert-v0]' or a dataset directory.")
-    return load_trajectories(list(config.data.paths), return_scale=config.data.return_scale)
+    return load_trajectories(list(config.data.paths), return_scale=config.data.return_scale,
+                             download=config.data.download)
 
 
 def build_policy(config: TrainConfig, dataset: Any) -> nn.Module:
     """A fresh DecisionTransformerPolicy for `dataset` (dims, normalisation, tasks, target returns)."""
-    from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+    from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
 
     policy_config = PolicyConfig.from_preset(config.policy.preset, state_dim=int(dataset.state_dim),
                                              act_dim=int(dataset.act_dim), **config.policy.overrides())
@@ -552,23 +723,17 @@ def _context_length(policy: nn.Module) -> int:
     return int(base.config.context_length)
 
 
-def _check_resume_config(saved: dict, current: dict) -> None:
-    # out_dir: the checkpoint was found there, however it is spelled now (relative, absolute, moved)
-    ignored = {"resume", "progress", "out_dir"}
-    diffs = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                if prefix or key not in ignored:
-                    walk(a.get(key), b.get(key), f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}")
-
-    walk(saved, current, "")
-    if diffs:
-        raise ValueError("Cannot resume: the config differs from the one that wrote the checkpoint ("
-                         + "; ".join(diffs) + "). Resume with the same config, or start a new out_dir.")
+def split_data(dataset: Any, config: TrainConfig) -> tuple[Any, Any | None]:
+    """(training split, validation split or None): whole episodes of each task held out by
+    data.val_fraction (seeded by config.seed), then data.episodes per task kept for training
+    (seeded by data.episodes_seed, else config.seed). Fine-tuning's EVA draws from the same split."""
+    train_data, val_data = dataset, None
+    if config.data.val_fraction > 0:
+        train_data, val_data = dataset.split(config.data.val_fraction, config.seed)
+    if config.data.episodes is not None:
+        seed = config.seed if config.data.episodes_seed is None else config.data.episodes_seed
+        train_data = train_data.take_episodes(config.data.episodes, seed)
+    return train_data, val_data
 
 
 def check_run_dir(config: TrainConfig) -> Path | None:
@@ -578,316 +743,7 @@ def check_run_dir(config: TrainConfig) -> Path | None:
     when the checkpoint was written by a different config. Call it before writing anything into
     out_dir (config.yaml), so that a refused run leaves the old run's files as they were.
     """
-    found = find_checkpoint(Path(config.out_dir) / "checkpoints")
-    if found is None:
-        return None
-    if not config.resume:
-        raise FileExistsError(f"{config.out_dir!r} already holds checkpoints of a run ({found.name}). "
-                              f"Pass --resume (resume=true) to continue it, or choose another out_dir.")
-    try:
-        saved = json.loads((found / "meta.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return found  # damaged: the loader falls back to an older checkpoint and checks that one
-    _check_resume_config(saved, config_to_dict(config))
-    return found
-
-
-# --- the loop ----------------------------------------------------------------------------------
-
-def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any = None,
-          on_step: Callable[[int], None] | None = None, run_info: RunInfo = RunInfo(),
-          on_end: Callable[[nn.Module], None] | None = None,
-          regularizer: Callable[[], torch.Tensor | None] | None = None) -> TrainResult:
-    """Train `policy` on `dataset` offline for config.steps updates; write checkpoints, logs, metrics.json.
-
-    policy: a DecisionTransformerPolicy (or a PEFT model wrapping one) with `loss(batch) -> scalar`.
-        Only parameters with requires_grad are optimised: freeze what must not train before calling.
-        None: built from config.policy and the dataset's dims (seeded by config.seed).
-    dataset: a TrajectoryDataset (None: loaded from config.data). With data.val_fraction > 0 it is
-        split by whole episodes into train and validation parts.
-    on_step: called as on_step(step) after every optimizer update, step = updates done so far
-        (1..config.steps), with the gradients of that update still in place (AdaLoRA's
-        `update_and_allocate` needs them), before any checkpoint of that step. If it has
-        `state_dict()` / `load_state_dict(state)`, its state is checkpointed and restored too.
-    run_info: kind/task/method/rank/eva_seconds written into metrics.json.
-    on_end: called with the trained policy on rank 0 before metrics.json is written (save the
-        model or adapter there, so that metrics.json's presence means the run is complete).
-    regularizer: a term added to the loss for the gradient only (AdaLoRA's orthogonality penalty).
-        train/loss and metrics.json's train_loss stay the action MSE, comparable across methods;
-        the term is logged as train/regularization.
-    """
-    ddp = _init_distributed("cuda" if config.device.startswith("cuda") or
-                            (config.device == "auto" and torch.cuda.is_available()) else "cpu")
-    try:
-        return _train(config, policy, dataset, on_step, run_info, on_end, regularizer, ddp)
-    finally:
-        if ddp.created:
-            dist.destroy_process_group()
-
-
-@dataclass
-class _Progress:
-    """Where the loop stands; everything here is checkpointed, so a resumed run logs what an uninterrupted one does."""
-
-    step: int = 0  # updates done
-    history: dict[str, Any] = field(default_factory=lambda: {
-        "train_loss": [], "val_action_error": [], "eval": [], "train_seconds": 0.0})
-    loss_sum: float = 0.0  # this rank's summed loss over the current log window
-    window_steps: int = 0  # updates in the current log window
-
-
-class _Log:
-    """Tensorboard and the progress bar, on rank 0; every call does nothing on the other ranks."""
-
-    def __init__(self, config: TrainConfig, ddp: _Dist, step: int, kind: str, trainable: int, total: int) -> None:
-        self.writer = self.bar = None
-        if not ddp.main:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
-        self.writer = SummaryWriter(str(Path(config.out_dir) / "tb"), purge_step=step if step else None)
-        self.scalars({"params/trainable": trainable, "params/total": total}, step)
-        self.bar = tqdm(total=config.steps, initial=step, disable=not config.progress, dynamic_ncols=True,
-                        desc=kind)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-
-    def bar_update(self, steps: int = 0, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(steps)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.bar.close()
-            self.writer.flush()
-            self.writer.close()
-
-
-def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step: Callable[[int], None] | None,
-           run_info: RunInfo, on_end: Callable[[nn.Module], None] | None,
-           regularizer: Callable[[], torch.Tensor | None] | None, ddp: _Dist) -> TrainResult:
-    out_dir = Path(config.out_dir)
-    device, dtype = _device_and_precision(config, ddp)
-    found = check_run_dir(config)  # before any work: a refused run fails fast
-    if dataset is None:
-        dataset = load_dataset(config)
-    if policy is None:
-        policy = build_policy(config, dataset)
-    train_data, val_data = dataset.split(config.data.val_fraction, config.seed) if config.data.val_fraction > 0 \
-        else (dataset, None)
-    context = _context_length(policy)
-
-    policy.to(device).train()
-    trainable, total = count_parameters(policy)
-    if trainable == 0:
-        raise ValueError("No parameter of the policy has requires_grad=True: nothing to train.")
-    optimizer, scheduler = build_optimizer(policy, config.optim, config.steps)
-    generator = np.random.default_rng([config.seed, ddp.rank])
-    torch.manual_seed(config.seed + ddp.rank)
-    progress = _Progress()
-    if found is not None:
-        progress = _resume(out_dir / "checkpoints", config, policy, optimizer, scheduler, generator, device,
-                           on_step, ddp)
-    log.info("Trainable parameters: %d of %d (%.2f%%); device %s, precision %s, %d process(es).",
-             trainable, total, 100.0 * trainable / total, device, dtype or "fp32", ddp.world_size)
-    model = _wrap(policy, config, device, ddp, regularizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    val_batches = _validation_batches(val_data, config, context)
-    eval_tasks = config.eval_tasks or tuple(dataset.task_names)
-    logger = _Log(config, ddp, progress.step, run_info.kind, trainable, total)
-    history = progress.history
-
-    def measure(at: int) -> None:
-        """Validation and evaluation at update `at` (rank 0), then every rank waits for it."""
-        if ddp.main:
-            last = at == config.steps
-            if val_batches and ((config.val_every and at % config.val_every == 0) or last):
-                error = validation_action_error(policy, val_batches, device, dtype)
-                history["val_action_error"].append([at, error])
-                logger.scalars({"val/action_error": error}, at)
-            if (config.eval_every and (at % config.eval_every == 0 or last)) or (at == 0 and config.eval_at_start):
-                entry = _eval_entry(_evaluate(policy, config, eval_tasks), at)
-                history["eval"].append(entry)
-                logger.scalars({f"eval/{key}": entry[key] for key in ("success_rate", "return_mean")}, at)
-                logger.bar_update(loss=_last(history["train_loss"]), success=entry["success_rate"])
-        _barrier(ddp)
-
-    if progress.step == 0 and (config.eval_at_start or config.steps == 0):
-        measure(0)
-    loss_sum = torch.full((), progress.loss_sum, device=device)
-    window_start, grad_norm = time.perf_counter(), torch.zeros((), device=device)
-    while progress.step < config.steps:
-        batch = _to_device(_with_action_mask(train_data.sample(
-            config.batch_size, context, generator=generator, balance_tasks=config.data.balance_tasks),
-            train_data), device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            loss, penalty = model(batch)  # masked action MSE averaged over real steps; regularizer term
-        (loss if penalty is None else loss + penalty).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        progress.step += 1
-        step = progress.step
-        loss_sum += loss.detach().float()
-        progress.window_steps += 1
-        if on_step is not None:
-            on_step(step)
-        if step % config.log_every == 0 or step == config.steps:
-            _check_finite(loss_sum, grad_norm, step, ddp)
-            seconds = time.perf_counter() - window_start
-            history["train_seconds"] += seconds
-            mean_loss = float(_all_mean(loss_sum, ddp)) / progress.window_steps
-            history["train_loss"].append([step, mean_loss])
-            logger.scalars({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
-                            "train/grad_norm": float(grad_norm),
-                            "train/updates_per_second": progress.window_steps / seconds}
-                           | ({} if penalty is None else {"train/regularization": float(penalty.detach())}), step)
-            logger.bar_update(progress.window_steps, loss=f"{mean_loss:.4g}")
-            loss_sum.zero_()
-            progress.window_steps, window_start = 0, time.perf_counter()
-        paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
-        if _measures_at(config, step, bool(val_batches)):
-            measure(step)
-        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
-            _check_finite(loss_sum, grad_norm, step, ddp)  # never checkpoint weights a NaN update broke
-            progress.loss_sum = float(loss_sum)
-            _checkpoint(out_dir / "checkpoints", progress, policy, optimizer, scheduler, generator, device,
-                        on_step, config, ddp)
-        window_start += time.perf_counter() - paused
-
-    metrics = _metrics(config, run_info, trainable, total, history)
-    logger.close()
-    if ddp.main:
-        if on_end is not None:
-            on_end(policy)
-        write_metrics(out_dir / "metrics.json", metrics)
-    _barrier(ddp)
-    return TrainResult(policy=policy, metrics=metrics, out_dir=out_dir, steps=progress.step)
-
-
-def _device_and_precision(config: TrainConfig, ddp: _Dist) -> tuple[torch.device, torch.dtype | None]:
-    device = resolve_device(config.device, ddp.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = resolve_precision(config.precision, device)
-    if dtype is not None and device.type == "cpu" and not cpu_supports_bf16():
-        log.warning("precision=bf16 on a CPU without native bf16 matmul (AVX512-BF16/AMX): bf16 is emulated "
-                    "and several times slower than fp32 here. precision=auto picks fp32 on such CPUs.")
-    return device, dtype
-
-
-def _resume(checkpoints: Path, config: TrainConfig, policy: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, generator: np.random.Generator, device: torch.device, on_step: Any,
-            ddp: _Dist) -> _Progress:
-    """Load the newest good checkpoint into policy, optimizer, scheduler, RNGs and hook; its progress."""
-    loaded = _load_newest_good(checkpoints, policy)
-    if loaded is None:
-        raise ValueError(f"No checkpoint in {str(checkpoints)!r} loads (see the warnings above). "
-                         f"Move the directory away to start afresh.")
-    found, trainer_state, meta = loaded
-    _check_resume_config(meta["config"], config_to_dict(config))
-    if meta["world_size"] != ddp.world_size:
-        raise ValueError(f"Cannot resume {found}: it was written by {meta['world_size']} processes, "
-                         f"now {ddp.world_size}. Resume with the same --nproc_per_node.")
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    _set_rng_state(trainer_state["rng"][ddp.rank], generator, device)
-    if hasattr(on_step, "load_state_dict") and "hook" in trainer_state:
-        on_step.load_state_dict(trainer_state["hook"])
-    window = trainer_state.get("loss_window", {"sums": [0.0] * ddp.world_size, "steps": 0})
-    log.info("Resuming from %s (step %d of %d).", found, meta["step"], config.steps)
-    return _Progress(step=int(meta["step"]), history=meta["history"], loss_sum=float(window["sums"][ddp.rank]),
-                     window_steps=int(window["steps"]))
-
-
-def _wrap(policy: nn.Module, config: TrainConfig, device: torch.device, ddp: _Dist,
-          regularizer: Callable[[], torch.Tensor | None] | None) -> nn.Module:
-    """The module the loop calls: `policy.loss` as forward, under DDP and torch.compile when asked."""
-    model: nn.Module = _LossModule(policy, regularizer)
-    if ddp.world_size > 1:
-        # Unused heads (state/return prediction) get no gradient from the action loss.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=True)
-    return torch.compile(model) if config.compile else model
-
-
-def _validation_batches(val_data: Any, config: TrainConfig, context: int) -> list[dict[str, torch.Tensor]]:
-    """Fixed held-out windows (the same at every measurement, so the curve compares like with like)."""
-    if val_data is None:
-        return []
-    val_generator = np.random.default_rng([config.seed, 1 << 20])
-    return [_with_action_mask(val_data.sample(config.batch_size, context, generator=val_generator), val_data)
-            for _ in range(config.val_batches)]
-
-
-def _check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, step: int, ddp: _Dist) -> None:
-    """Stop (on every rank alike) once a loss or gradient norm is NaN/inf: the weights are broken."""
-    values = _all_mean(torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device)]), ddp)
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"Training loss or gradient norm became non-finite by update {step}. Lower optim.lr, "
-                         f"keep optim.grad_clip on, or check the dataset for NaN/inf values.")
-
-
-def _measures_at(config: TrainConfig, step: int, has_val: bool) -> bool:
-    if step == config.steps:
-        return True
-    evaluates = config.eval_every and step % config.eval_every == 0
-    validates = has_val and config.val_every and step % config.val_every == 0
-    return bool(evaluates or validates)
-
-
-def _checkpoint(checkpoints: Path, progress: _Progress, policy: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, generator: np.random.Generator, device: torch.device, on_step: Any,
-                config: TrainConfig, ddp: _Dist) -> None:
-    # every rank's sampler and dropout state, and its part of the open log window
-    per_rank = _gather((_rng_state(generator, device), progress.loss_sum), ddp)
-    if ddp.main:
-        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": [rng for rng, _ in per_rank],
-                         "loss_window": {"sums": [loss for _, loss in per_rank], "steps": progress.window_steps}}
-        if hasattr(on_step, "state_dict"):
-            trainer_state["hook"] = on_step.state_dict()
-        meta = {"history": progress.history, "config": config_to_dict(config), "world_size": ddp.world_size}
-        save_checkpoint(checkpoints, progress.step, policy, trainer_state, meta, config.keep_checkpoints)
-    _barrier(ddp)
-
-
-def _all_mean(value: torch.Tensor, ddp: _Dist) -> torch.Tensor:
-    if ddp.world_size == 1:
-        return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / ddp.world_size
-
-
-def _barrier(ddp: _Dist) -> None:
-    if ddp.world_size > 1:
-        dist.barrier()
-
-
-def _last(points: list) -> float | None:
-    return points[-1][1] if points else None
-
-
-def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int, history: dict) -> dict:
-    """metrics.json content, in the contract's format."""
-    final_eval = history["eval"][-1] if history["eval"] and history["eval"][-1]["step"] == config.steps else {}
-    return {
-        "kind": run_info.kind, "task": run_info.task, "method": run_info.method, "rank": run_info.rank,
-        "seed": config.seed, "trainable_params": trainable, "total_params": total,
-        "train_seconds": float(history["train_seconds"]), "eva_seconds": run_info.eva_seconds,
-        "train_loss": history["train_loss"], "val_action_error": history["val_action_error"],
-        "eval": history["eval"],
-        "final": {key: final_eval.get(key)
-                  for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
-        | {"train_loss": _last(history["train_loss"]), "val_action_error": _last(history["val_action_error"])},
-    }
+    return checkpoint.check_run_dir(Path(config.out_dir), config.resume, config_to_dict(config))
 
 
 # --- pretraining -------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def _distributed_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_ranks_get_the_same_components(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -105,7 +105,8 @@ def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
         "collect": {"noises": [0.5], "pretrain_episodes": 2, "finetune_episodes": 3, "horizon": 20},
         "pretrain": {"tasks": ["reach-v3"], "overrides": {**tiny, "steps": 10}},
         "finetune": {"tasks": ["push-v3"], "methods": ["lora", "eva"], "ranks": [2], "overrides": {
-            "train": {**tiny, "steps": 6, "data": {"val_fraction": 0.34}, "val_every": 3, "eval_every": 6,
+            # no train.policy: fine-tuning takes the architecture from the checkpoint (set, it is an error)
+            "train": {**{k: v for k, v in tiny.items() if k != "policy"}, "steps": 6, "data": {"val_fraction": 0.34}, "val_every": 3, "eval_every": 6,
                       "eval_episodes": 2, "eval_num_envs": 2, "eval_horizon": 20},
             "eva": {"batch_size": 8, "max_batches": 4}}},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,13 +64,18 @@ def test_eva_finetune_writes_adapter_merged_model_report_and_metrics(setup, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "finetune" and metrics["method"] == "eva" and metrics["task"] == TASK
     assert metrics["rank"] == 2 and metrics["eva_seconds"] > 0 and metrics["train_seconds"] > 0
-    assert [s for s, _ in metrics["train_loss"]] == [2, 4, 6]
-    assert [s for s, _ in metrics["val_action_error"]] == [3, 6]
-    assert [e["step"] for e in metrics["eval"]] == [6] and metrics["final"]["success_rate"] is not None
+    assert [s for s, _ in metrics["train_loss"]] == [0, 2, 4, 6]
+    assert [s for s, _ in metrics["val_action_error"]] == [0, 3, 6]
+    assert [e["step"] for e in metrics["eval"]] == [0, 6] and metrics["final"]["success_rate"] is not None
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     report = json.loads((out / "eva_report.json").read_text())
     assert set(report["ranks"].values()) == {2} and (out / "eva_ranks.png").exists()
-    assert load_config(FinetuneConfig, out / "config.yaml") == config
+    # the resolved config says what was used: the checkpoint's K (4) and return scale, not the defaults
+    saved = load_config(FinetuneConfig, out / "config.yaml")
+    policy = DecisionTransformerPolicy.from_pretrained(setup["checkpoint"])
+    assert saved.context_length == 4 and saved.train.data.return_scale == policy.metadata.return_scale
+    assert saved == dataclasses.replace(config, context_length=4, train=dataclasses.replace(
+        config.train, data=dataclasses.replace(config.train.data, return_scale=policy.metadata.return_scale)))
 
     batch = window_batch(setup)
     trained = result.policy.eval()
@@ -83,6 +89,47 @@ def test_eva_finetune_writes_adapter_merged_model_report_and_metrics(setup, tmp_
     assert TASK in merged.metadata.tasks
     assert torch.allclose(merged(batch), expected, atol=1e-5)
     assert json.loads((out / "adapter" / "eva_rl_adapter.json").read_text())["method"] == "eva"
+
+
+def test_success_curve_points_are_the_configured_steps_on_the_same_starts_for_every_method(setup, tmp_path) -> None:
+    runs = {}
+    for method in ("lora", "eva"):
+        runs[method] = finetune(load_config(FinetuneConfig, None, overrides(
+            setup, tmp_path / method, method=method, **{"train.eval_every": 0, "train.eval_steps": "[0,3]"}))).metrics
+    for metrics in runs.values():
+        assert [e["step"] for e in metrics["eval"]] == [0, 3, 6]
+        assert metrics["eval_protocol"]["steps"] == [0, 3, 6]
+        assert [s for s, _ in metrics["train_loss"]][0] == 0 and metrics["val_action_error"][0][0] == 0
+        cell = metrics["eval"][0]["per_task"][TASK]
+        assert cell["episodes"] == 2 and len(cell["episode_success"]) == 2
+        assert cell["successes"] == sum(cell["episode_success"]) and metrics["eval"][0]["episodes"] == 2
+    assert runs["lora"]["eval_protocol"] == runs["eva"]["eval_protocol"]
+    assert runs["eva"]["eval_protocol"]["seed"] == 1_000_000 and TASK in runs["eva"]["eval_protocol"]["target_returns"]
+    # step 0 is the pretrained policy for both (B = 0): the same starts give the same episodes
+    lora0, eva0 = runs["lora"]["eval"][0], runs["eva"]["eval"][0]
+    assert lora0["return_mean"] == pytest.approx(eva0["return_mean"], rel=1e-4)
+    assert lora0["per_task"][TASK]["episode_success"] == eva0["per_task"][TASK]["episode_success"]
+    assert runs["lora"]["val_action_error"][0][1] == pytest.approx(runs["eva"]["val_action_error"][0][1], rel=1e-5)
+
+
+def test_eva_draws_from_the_same_episode_subset_as_training_for_every_method(setup, tmp_path) -> None:
+    import numpy as np
+
+    from eva_rl.finetune import _eva_batches
+    from eva_rl.train import split_data
+
+    data = load_trajectories(setup["data"])
+    data = data.with_normalization(np.zeros(data.state_dim, np.float32), np.ones(data.state_dim, np.float32))
+    configs = [load_config(FinetuneConfig, None, overrides(setup, tmp_path, method=method,
+                                                           **{"train.data.episodes": 2}))
+               for method in ("eva", "eva_dora")]
+    subsets = [split_data(data, config.train)[0] for config in configs]
+    np.testing.assert_array_equal(subsets[0].observations, subsets[1].observations)
+    assert subsets[0].num_episodes == 2
+    kept = {tuple(np.round(row, 5)) for row in subsets[0].observations.tolist()}
+    for batch in _eva_batches(data, configs[0], context=4):
+        real = batch["states"][batch["attention_mask"].bool()]  # (real steps, state_dim)
+        assert all(tuple(np.round(row, 5)) in kept for row in real.tolist())
 
 
 def test_resume_reuses_eva_components_and_refuses_another_rank(setup, tmp_path, monkeypatch) -> None:
@@ -164,6 +211,7 @@ def test_adapter_on_a_plain_checkpoint_reloads_with_its_context_length(setup, tm
     ("target_modules", "[q_proj]", "matches no Linear/Conv1D"),
     ("eva.tokens", "[reward]", "eva.tokens"),
     ("modules_to_save", "[predict_actoin]", "matches no module"),
+    ("train.policy.context_length", "8", "train.policy.context_length set in a fine-tuning config"),
 ])
 def test_bad_input_fails_before_any_work(setup, tmp_path, capsys, key, value, message) -> None:
     out = tmp_path / "bad"
@@ -187,3 +235,43 @@ def test_checkpoint_that_does_not_fit_the_data(setup, tmp_path, capsys) -> None:
         tmp_path / "wide")
     assert main(["finetune", *overrides(setup, tmp_path / "out", checkpoint=str(tmp_path / "wide"))]) == 2
     assert "takes states of 5 and actions of 1 dims but the dataset has 3 and 1" in capsys.readouterr().err
+
+
+def _eva_worker(rank: int, port: int, args: list[str], out: str) -> None:
+    """One of two gloo ranks of a fine-tuning job, started as torchrun would (environment variables)."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    result = finetune(load_config(FinetuneConfig, None, args))
+    torch.save({k: v.detach().clone() for k, v in result.policy.state_dict().items() if "lora_A" in k},
+               Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_distributed_eva_pools_every_process_share_and_matches_one_process(setup, tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    keys = {"method": "eva", "train.steps": 0, "train.eval_every": 0, "train.eval_steps": "[]",
+            "train.checkpoint_every": 0, "eva.max_batches": 4}
+    args = overrides(setup, tmp_path / "two", **keys)
+    # fork: the children reuse the imported modules; each keeps its own rows of every EVA batch
+    mp.start_processes(_eva_worker, args=(port, args, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = finetune(load_config(FinetuneConfig, None, overrides(setup, tmp_path / "one", **keys))).policy
+    single_a = {k: v for k, v in single.state_dict().items() if "lora_A" in k}
+    assert set(ranks[0]) == set(single_a) and single_a
+    for name, a in single_a.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank ends with the same A
+        # one process on the pooled windows: the same subspace (sums in another order)
+        qa, qb = torch.linalg.qr(a.double().T)[0], torch.linalg.qr(ranks[0][name].double().T)[0]
+        assert float(torch.linalg.svdvals(qa.T @ qb).min()) > 0.9999, name
+    report = json.loads((tmp_path / "two" / "eva_report.json").read_text())
+    assert report["tokens_seen"] == json.loads((tmp_path / "one" / "eva_report.json").read_text())["tokens_seen"]
+

@@ -16,8 +16,9 @@ import torch
 
 from eva_rl.config import load_config
 from eva_rl.data.trajectories import TrajectoryDataset
-from eva_rl.train import (TrainConfig, build_policy, find_checkpoint, lr_factor, parameter_groups,
-                          save_checkpoint, train)
+from eva_rl.checkpoint import find_checkpoint, save_checkpoint
+from eva_rl.train import (RunInfo, TrainConfig, build_policy, evaluation_steps, lr_factor, parameter_groups,
+                          train)
 
 TINY_POLICY = ["policy.preset=tiny", "policy.hidden_size=16", "policy.n_layer=1", "policy.n_head=1",
                "policy.context_length=4", "policy.max_ep_len=32", "policy.dropout=0.1"]
@@ -65,6 +66,36 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
+@pytest.mark.parametrize("keys,expected", [
+    ({"eval_every": 0, "eval_steps": ()}, []),
+    ({"eval_every": 0, "eval_steps": (0, 100, 250, 500)}, [0, 100, 250, 500, 1000]),
+    ({"eval_every": 400, "eval_steps": (0, 100, 5000)}, [0, 100, 400, 800, 1000]),
+    ({"eval_every": 500, "eval_steps": ()}, [500, 1000]),
+])
+def test_evaluation_steps_join_the_list_the_multiples_and_the_end(keys, expected):
+    assert evaluation_steps(TrainConfig(steps=1000, **keys)) == expected
+
+
+def test_data_episodes_subset_is_drawn_after_the_validation_split(tmp_path):
+    from eva_rl.train import split_data
+
+    dataset = tiny_dataset(episodes=20)
+    full_train, full_val = split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2"))
+    few_train, few_val = split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2", "data.episodes=3"))
+    np.testing.assert_array_equal(few_val.observations, full_val.observations)  # held-out set unchanged
+    assert np.bincount(few_train.episode_tasks).tolist() == [3, 3]
+    rows = {tuple(row) for row in full_train.observations.tolist()}
+    assert all(tuple(row) in rows for row in few_train.observations.tolist())  # from the training split
+    # the run's seed picks the subset unless episodes_seed is set
+    def subset(*keys: str):
+        return split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2", "data.episodes=3", *keys))[0]
+
+    np.testing.assert_array_equal(subset("data.episodes_seed=0").observations, few_train.observations)
+    assert not np.array_equal(subset("data.episodes_seed=5").observations, few_train.observations)
+    with pytest.raises(ValueError, match="has only 8 training episodes"):
+        split_data(dataset, tiny_config(tmp_path, "data.val_fraction=0.2", "data.episodes=9"))
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 4, 20) == pytest.approx(0.25)
     assert lr_factor(3, 4, 20) == pytest.approx(1.0)
@@ -108,16 +139,25 @@ def test_loss_decreases_and_metrics_json(tmp_path):
     config = tiny_config(tmp_path, "steps=150", "log_every=25", "batch_size=16", "checkpoint_every=0",
                          "data.val_fraction=0.25", "val_every=50", "val_batches=2", "policy.dropout=0.0")
     seen = []
-    result = train(config, dataset=dataset, on_step=seen.append)
+    result = train(config, dataset=dataset, on_step=seen.append, run_info=RunInfo(extra={"label": "x"}))
     assert seen == list(range(1, 151))
     losses = [v for _, v in result.metrics["train_loss"]]
     assert losses[-1] < 0.6 * losses[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"kind", "task", "method", "rank", "seed", "trainable_params", "total_params",
-                            "train_seconds", "eva_seconds", "train_loss", "val_action_error", "eval", "final"}
-    assert metrics["kind"] == "pretrain" and metrics["seed"] == 0 and metrics["eva_seconds"] is None
-    assert [s for s, _ in metrics["train_loss"]] == [25, 50, 75, 100, 125, 150]
-    assert [s for s, _ in metrics["val_action_error"]] == [50, 100, 150]
+    # the loop knows no fine-tuning fields: the caller's extra ones are written as given
+    assert set(metrics) == {"kind", "task", "label", "seed", "trainable_params", "total_params",
+                            "train_seconds", "train_loss", "val_action_error", "eval", "eval_protocol", "final"}
+    assert metrics["kind"] == "pretrain" and metrics["seed"] == 0 and metrics["label"] == "x"
+    assert [s for s, _ in metrics["train_loss"]] == [0, 25, 50, 75, 100, 125, 150]
+    assert [s for s, _ in metrics["val_action_error"]] == [0, 50, 100, 150]
+    assert metrics["eval_protocol"]["steps"] == [] and metrics["eval_protocol"]["seed"] == config.eval_seed
+    # step 0: the loss of the untouched policy on the first batch the loop trains on
+    policy = build_policy(config, dataset)
+    train_split, _ = dataset.split(0.25, config.seed)
+    first = train_split.sample(16, 4, generator=np.random.default_rng([config.seed, 0]))
+    first["action_mask"] = (torch.arange(dataset.act_dim) < torch.as_tensor(dataset.act_dims)[first["task_ids"]][:, None]).float()
+    with torch.no_grad():
+        assert metrics["train_loss"][0][1] == pytest.approx(float(policy.loss(first)), rel=1e-5)
     assert metrics["val_action_error"][-1][1] < metrics["val_action_error"][0][1]
     assert metrics["eval"] == [] and metrics["train_seconds"] > 0
     assert metrics["final"] == {"success_rate": None, "success_stderr": None, "return_mean": None,
@@ -249,6 +289,8 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_old_checkpoints
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
     ("data.val_fraction=1.0", r"data.val_fraction must be in \[0, 1\)"),
     ("keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+    ("eval_steps=[0,-5]", "eval_steps must be updates done"),
+    ("data.episodes=0", "data.episodes must be >= 1"),
     ("optim.learning_rate=1", "Unknown config key 'optim.learning_rate'"),
 ])
 def test_config_errors(override, message):
@@ -311,6 +353,7 @@ def ddp_worker(out: Path, rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -353,6 +396,7 @@ def metaworld_datasets(tmp_path_factory) -> list[str]:
             for task in ("reach-v3", "push-v3")]
 
 
+@pytest.mark.slow
 def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_datasets):
     from eva_rl.cli import main
 
@@ -366,11 +410,13 @@ def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_dat
     assert main(["pretrain", str(tmp_path / "pretrain.yaml"), f"out_dir={out}", "policy.dropout=0.0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [v for _, v in metrics["train_loss"]]
-    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
     # one evaluation, at the last update, on both training tasks
     assert [entry["step"] for entry in metrics["eval"]] == [250]
     assert 0.0 <= metrics["final"]["success_rate"] <= 1.0 and metrics["final"]["return_mean"] is not None
-    assert set(metrics["eval"][0]) == {"step", "success_rate", "success_stderr", "return_mean", "return_stderr"}
+    assert set(metrics["eval"][0]) == {"step", "success_rate", "success_stderr", "return_mean", "return_stderr",
+                                       "episodes", "per_task"}
+    assert metrics["eval"][0]["episodes"] == 2 and len(metrics["eval"][0]["per_task"]) == 2
     config = load_config(TrainConfig, out / "config.yaml")
     assert config.steps == 250 and config.policy.dropout == 0.0 and config.out_dir == str(out)
     assert (out / "model" / "config.json").is_file()

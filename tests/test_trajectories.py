@@ -280,6 +280,25 @@ def test_split_by_whole_episodes_per_task_with_the_same_normalisation():
         TrajectoryDataset.from_episodes([make_episode(3)], "a").split(0.5, seed=0)
 
 
+def test_take_episodes_is_a_seeded_subset_per_task():
+    episodes = [make_episode(3, value=100.0 * i, task="a") for i in range(10)]
+    episodes += [make_episode(4, value=5000.0 + i, task="b") for i in range(6)]
+    data = TrajectoryDataset.from_episodes(episodes, ["a", "b"])
+
+    def firsts(part):  # first reward identifies an episode
+        return [float(part.episode(i)["rewards"][0]) for i in range(part.num_episodes)]
+
+    five = data.take_episodes(5, seed=3)
+    assert np.bincount(five.episode_tasks, minlength=2).tolist() == [5, 5]
+    assert firsts(five) == firsts(data.take_episodes(5, seed=3))  # seeded
+    assert firsts(five) != firsts(data.take_episodes(5, seed=4))
+    assert set(firsts(data.take_episodes(2, seed=3))) <= set(firsts(five))  # nested sizes at one seed
+    np.testing.assert_array_equal(five.state_mean, data.state_mean)
+    assert five.task_names == data.task_names
+    with pytest.raises(ValueError, match="task 'b' has only 6 training episodes.*train.data.episodes"):
+        data.take_episodes(7, seed=0)
+
+
 def test_tasks_of_different_widths_are_zero_padded_with_true_dims_kept():
     episodes = [make_episode(4, 3, 1, task="narrow"), make_episode(5, 5, 2, task="wide")]
     data = TrajectoryDataset.from_episodes(episodes, ["narrow", "wide"])
@@ -337,6 +356,29 @@ def test_missing_path_and_unknown_id(minari_root: Path, tmp_path: Path):
         load_trajectories("eva-rl/unknown-v0")
     with pytest.raises(ValueError, match="empty list"):
         load_trajectories([])
+
+
+def test_a_missing_id_says_how_to_get_it_and_download_uses_minaris_own(minari_root: Path, monkeypatch):
+    import minari.storage.local
+
+    with pytest.raises(FileNotFoundError, match=r"minari download eva-rl/remote-v0.*train.data.download=true"):
+        load_trajectories("eva-rl/remote-v0")
+    fetched = []
+
+    def download_dataset(dataset_id: str) -> None:  # stands in for Minari's server (no network here)
+        fetched.append(dataset_id)
+        write_minari(minari_root, dataset_id, [make_episode(4)], task="remote")
+
+    monkeypatch.setattr(minari.storage.local.hosting, "download_dataset", download_dataset)
+    data = load_trajectories("eva-rl/remote-v0", download=True)
+    assert fetched == ["eva-rl/remote-v0"] and data.task_names == ("remote",) and data.num_steps == 4
+
+    def offline(dataset_id: str) -> None:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(minari.storage.local.hosting, "download_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="could not download 'eva-rl/other-v0'.*no route to host"):
+        load_trajectories("eva-rl/other-v0", download=True)
 
 
 def test_directory_that_is_not_a_minari_dataset(tmp_path: Path):

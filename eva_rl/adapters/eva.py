@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from eva_rl.adapters.methods import DEFAULT_TARGET_MODULES, layer_features, resolve_target_modules
+from eva_rl.distributed import collective_device, distributed
 
 TOKEN_KINDS: tuple[str, ...] = ("return", "state", "action")  # order of the tokens within a step
 # Only the GPT-2 blocks see the (B, 3K) token stream the step mask is expanded to; the embeddings
@@ -163,8 +164,17 @@ def _dt_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
           returns_to_go=rtg, timesteps=batch["timesteps"], attention_mask=batch["attention_mask"], return_dict=True)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """`tensor` reduced over all processes (sum by default), on its own device.
+
+    The collective runs on the backend's device (NCCL: the current GPU; gloo: the CPU), so the
+    same code serves CUDA and CPU jobs whichever device the statistics live on.
+    """
+    if not distributed():
+        return tensor
+    moved = tensor.to(collective_device())
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM if op is None else op)
+    return moved.to(tensor.device)
 
 
 class _StopForward(Exception):
@@ -198,9 +208,8 @@ class _LayerStatistics:
         """Add the selected input rows x (n, width) of one batch (all-reduced across processes)."""
         x = x.detach()
         if self.shift is None:
-            local = torch.stack([x.sum(0).double().cpu(), torch.full((self.width,), float(x.shape[0]), dtype=torch.float64)])
-            if _distributed():
-                dist.all_reduce(local)
+            local = _all_reduce(torch.stack([x.sum(0).double(), torch.full(
+                (self.width,), float(x.shape[0]), dtype=torch.float64, device=x.device)]))
             self.shift = local[0] / local[1].clamp(min=1.0)
             probes = torch.randn(self.width, 3, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
             self.fingerprint = (x.double().cpu() @ probes).sum(0)  # identical inputs -> identical fingerprint
@@ -210,9 +219,8 @@ class _LayerStatistics:
         scatter = (xc.T @ xc).double()  # float32 GEMM (fast), accumulated in float64
         total = xc.sum(0).double()
         count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
-        if _distributed():
-            flat = torch.cat([scatter.reshape(-1), total, count])
-            dist.all_reduce(flat)
+        if distributed():
+            flat = _all_reduce(torch.cat([scatter.reshape(-1), total, count]))
             scatter = flat[: self.width ** 2].reshape(self.width, self.width)
             total, count = flat[self.width ** 2: -1], flat[-1:]
         self.scatter += scatter
@@ -374,11 +382,7 @@ def _limited(batches: Iterable[Mapping[str, torch.Tensor]], limit: int, device: 
 
 
 def _check_token_count(batch: Mapping[str, torch.Tensor], tokens: Sequence[str], components: int) -> None:
-    count = int(token_mask(batch["attention_mask"], tokens).sum())
-    if _distributed():
-        total = torch.tensor([count], dtype=torch.float64)
-        dist.all_reduce(total)
-        count = int(total.item())
+    count = int(_all_reduce(token_mask(batch["attention_mask"], tokens).sum().double().reshape(1)).item())
     if count < components:
         raise ValueError(
             f"An EVA batch holds {count} selected tokens ({'+'.join(tokens)} of real steps) but EVA needs at least "
@@ -475,15 +479,11 @@ def _components_needed(stats: Mapping[str, _LayerStatistics], names: Sequence[st
 def _synchronised(batches: Iterator[dict]) -> Iterator[dict]:
     """Batches while every process still has one (so collectives inside hooks stay matched)."""
     for batch in batches:
-        if _distributed():
-            flag = torch.ones(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() == 0:
-                return
+        if distributed() and _all_reduce(torch.ones(1), dist.ReduceOp.MIN).item() == 0:
+            return
         yield batch
-    if _distributed():
-        flag = torch.zeros(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if distributed():
+        _all_reduce(torch.zeros(1), dist.ReduceOp.MIN)  # tell the others this process ran out
 
 
 def _group_identical(stats: Mapping[str, _LayerStatistics], names: Sequence[str]) -> dict[str, str]:

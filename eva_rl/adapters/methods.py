@@ -36,6 +36,7 @@ import peft
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
 from eva_rl.storage import atomic_dir
+from eva_rl.train import count_parameters  # noqa: F401  (the package's one; methods.count_parameters stays a name)
 
 # Every attention and MLP matrix of a GPT-2 block; suffixes of module names, as PEFT matches them.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -293,19 +294,6 @@ def layer_features(model: nn.Module, name: str) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     return int(module.in_features), int(module.out_features)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors counted once."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
 
 
 def check_targets(policy_or_model: nn.Module, method: str, rank: int,

@@ -6,6 +6,9 @@ so a batch of windows is one fancy-indexing gather rather than a Python loop ove
 Windows follow the original Decision Transformer: a start step is drawn uniformly over all steps
 (so episodes are picked in proportion to their length), the window is [start, start + K) clipped
 at the episode end, and a clipped window is LEFT-padded up to K with attention_mask 0.
+
+Past 600 lines because loading, checking every field of untrusted files, splitting and sampling
+share one in-memory layout; split apart, each would have to know it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def load_trajectories(
     return_scale: float = 1000.0,
     state_mean: np.ndarray | None = None,
     state_std: np.ndarray | None = None,
+    download: bool = False,
 ) -> TrajectoryDataset:
     """Load one or several Minari datasets into one in-memory TrajectoryDataset.
 
@@ -45,6 +49,8 @@ def load_trajectories(
     The task of a source is its metadata key `eva_rl_task`, else its env id, else its dataset id.
     state_mean / state_std (state_dim,) replace the statistics computed from the data (e.g. those
     saved with a pretrained policy); return_scale divides returns-to-go at sampling.
+    download: fetch Minari ids that are not on disk from Minari's server (`minari download`);
+    off, a missing id is an error that says how to get it.
     """
     sources = [paths_or_ids] if isinstance(paths_or_ids, (str, os.PathLike)) else list(paths_or_ids)
     if not sources:
@@ -52,7 +58,7 @@ def load_trajectories(
     episodes: list[dict] = []
     task_names: list[str] = []
     for source in sources:
-        dataset = _open_minari(source)
+        dataset = _open_minari(source, download)
         task = _task_name(dataset)
         if task not in task_names:
             task_names.append(task)
@@ -62,8 +68,9 @@ def load_trajectories(
     )
 
 
-def _open_minari(source: Source) -> Any:
-    """A minari.MinariDataset for a path or a local dataset id; clear errors for anything else."""
+def _open_minari(source: Source, download: bool = False) -> Any:
+    """A minari.MinariDataset for a path or a dataset id (local, or fetched when `download`); clear
+    errors for anything else."""
     import minari  # imported here: minari pulls in a lot and only loading needs it
 
     path = Path(source).expanduser()
@@ -74,6 +81,13 @@ def _open_minari(source: Source) -> Any:
     local = Path(minari.storage.get_dataset_path()) / str(source)
     if local.is_dir():  # an id of a local dataset: open its folder, so a damaged one says what is wrong
         return _open_minari_path(local)
+    if download:
+        try:
+            return minari.load_dataset(str(source), download=True)
+        except Exception as exc:  # minari's hosting raises network, HTTP and lookup errors of many types
+            raise FileNotFoundError(
+                f"Minari could not download {str(source)!r} ({type(exc).__name__}: {exc}). Check the id "
+                "(`minari list remote`) and the network, or pass a dataset directory.") from None
     try:
         return minari.load_dataset(str(source), download=False)
     except (FileNotFoundError, ValueError):
@@ -81,8 +95,10 @@ def _open_minari(source: Source) -> Any:
         raise FileNotFoundError(
             f"{source!r} is neither an existing path nor a local Minari dataset id (looked under "
             f"{root}, set by MINARI_DATASETS_PATH). Fix: pass the dataset directory "
-            "`<root>/<namespace>/<name>-v0`, its data/ folder or its main_data.hdf5, or collect "
-            "the dataset with `eva-rl collect`."
+            "`<root>/<namespace>/<name>-v0`, its data/ folder or its main_data.hdf5, collect "
+            f"the dataset with `eva-rl collect`, or, for a dataset on Minari's server, fetch it with "
+            f"`minari download {source}` or let the run do it (data.download=true; fine-tuning: "
+            f"train.data.download=true)."
         ) from None
 
 
@@ -303,6 +319,26 @@ class TrajectoryDataset:
                 "Fix: raise val_fraction or collect more episodes."
             )
         return self._subset(np.flatnonzero(~val_mask)), self._subset(np.flatnonzero(val_mask))
+
+    def take_episodes(self, per_task: int, seed: int) -> TrajectoryDataset:
+        """A seeded subset of `per_task` whole episodes of every task (same normalisation, task ids).
+
+        Each task's episodes are permuted by a generator seeded with (seed, task id) and the first
+        `per_task` kept, in their original order: a smaller subset is part of a larger one at the
+        same seed, and a task's subset does not depend on the other tasks.
+        """
+        if per_task < 1:
+            raise ValueError(f"per_task must be >= 1, got {per_task}.")
+        kept = []
+        for task, name in enumerate(self.task_names):
+            episodes = np.flatnonzero(self.episode_tasks == task)
+            if per_task > len(episodes):
+                raise ValueError(
+                    f"{per_task} episodes per task asked for, but task {name!r} has only {len(episodes)} "
+                    f"training episodes (after the validation split). Fix: ask for at most {len(episodes)} "
+                    f"(train.data.episodes), lower train.data.val_fraction, or collect more episodes.")
+            kept.append(np.random.default_rng([seed, task]).permutation(episodes)[:per_task])
+        return self._subset(np.sort(np.concatenate(kept)))
 
     def _subset(self, episodes: np.ndarray) -> TrajectoryDataset:
         """A new dataset of the given episodes (E',) in that order, with this normalisation."""
