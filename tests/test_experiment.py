@@ -96,7 +96,7 @@ def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) ->
 def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
     """collect -> pretrain -> lora/eva grid -> report with the real stage functions, at toy scale."""
     from eva_rl.experiment import run_experiment
-    from eva_rl.report import write_report
+    from eva_rl.report import BASE, write_report
 
     tiny = {"policy": {"preset": "tiny"}, "batch_size": 8, "log_every": 5, "val_every": 0, "eval_every": 0,
             "checkpoint_every": 0, "optim": {"warmup_steps": 2}}
@@ -122,7 +122,8 @@ def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
     again = run_experiment(config, workers=2, progress=False)
     assert again.pretrain.status == "skipped" and [r.status for r in again.runs] == ["skipped", "skipped"]
     report = write_report(tmp_path, n_bootstrap=50, tensorboard=False)
-    assert report.tables["success"].variants == ("lora", "eva")
+    # the pretrained policy (every run's step-0 evaluation) heads the table
+    assert report.tables["success"].variants == (BASE, "lora", "eva")
     assert (tmp_path / "report" / "eva_ranks.png").is_file()
 
 
