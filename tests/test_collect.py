@@ -101,7 +101,7 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
     assert (summary.path / "data" / "main_data.hdf5").read_bytes() == before
     _collect(tmp_path, overwrite=True, episodes=3)
     assert minari.MinariDataset(summary.path / "data").total_episodes == 3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    assert [p.name for p in (tmp_path / "eva-rl").iterdir()] == ["reach-v3-expert-noise0p1-v0"]  # no temp folder left
 
 
 def test_a_crash_while_writing_leaves_the_old_dataset(tmp_path, monkeypatch):
@@ -110,11 +110,11 @@ def test_a_crash_while_writing_leaves_the_old_dataset(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("minari.create_dataset_from_buffers", crash)
+    monkeypatch.setattr("minari.dataset.minari_storage.MinariStorage.new", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         _collect(tmp_path, overwrite=True, episodes=3)
     assert minari.MinariDataset(summary.path / "data").total_episodes == 2
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    assert [p.name for p in (tmp_path / "eva-rl").iterdir()] == ["reach-v3-expert-noise0p1-v0"]  # no temp folder left
 
 
 def test_bad_names_and_existing_datasets_fail_at_the_call_before_any_work(tmp_path, monkeypatch):
