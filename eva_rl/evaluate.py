@@ -32,7 +32,7 @@ import torch
 
 from eva_rl.storage import atomic_path, write_text_atomic
 from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
-from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
+from eva_rl.policy import DecisionTransformerPolicy, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
 
 REFERENCE_KINDS = ("expert", "random")
 _MEASURES = ("success", "return", "length")
@@ -156,57 +156,6 @@ class EvalResult:
                          f"{m['return']['iqm']:.1f}", f"{m['length']['mean']:.0f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading what to evaluate
-# ------------------------------------------------------------------------------------------------
-
-ADAPTER_INFO_FILE = "eva_rl_adapter.json"  # written next to a PEFT adapter by fine-tuning
-
-
-def load_policy(directory: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                device: str | torch.device | None = None) -> DecisionTransformerPolicy:
-    """The policy in `directory`: a checkpoint (`save_pretrained`), or a fine-tuning adapter
-    directory (PEFT `adapter_config.json`, or a full-fine-tuning `model/` inside) applied to the
-    pretrained checkpoint `base` (default: the one recorded when the adapter was saved). The
-    adapter's saved metadata (its tasks and target returns) replaces the base's."""
-    path = Path(directory)
-    if (path / "config.json").exists():
-        return DecisionTransformerPolicy.from_pretrained(path, device=device)
-    if (path / "model" / "config.json").exists():
-        return DecisionTransformerPolicy.from_pretrained(path / "model", device=device)
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(
-            f"{str(path)!r} holds neither a checkpoint (config.json) nor an adapter (adapter_config.json); "
-            f"pass a model/ or merged/ directory of a run, or its adapter/ directory."
-        )
-    info = {}
-    if (path / ADAPTER_INFO_FILE).exists():
-        try:
-            info = json.loads((path / ADAPTER_INFO_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path / ADAPTER_INFO_FILE)!r} is not valid JSON ({exc}); the adapter directory is "
-                             f"damaged: fine-tune again, or delete that file and pass base=... (--base DIR).") from None
-    if base is None:
-        recorded = info.get("checkpoint") or json.loads((path / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
-        if not recorded or not Path(recorded).is_dir():
-            raise FileNotFoundError(
-                f"The adapter in {str(path)!r} records its base checkpoint as {recorded!r}, which is not a directory "
-                f"here; pass the pretrained checkpoint with base=... (--base DIR)."
-            )
-        base = recorded
-    from peft import PeftModel
-
-    # the adapter's metadata also lets a plain DecisionTransformerModel base (no eva_rl.json) load
-    metadata = PolicyMetadata.from_dict(info["metadata"]) if info.get("metadata") else None
-    policy = DecisionTransformerPolicy.from_pretrained(base, metadata=metadata, device=device,
-                                                       context_length=info.get("context_length"))
-    policy.model = PeftModel.from_pretrained(policy.model, str(path))
-    if device is not None:
-        policy.to(device)
-    return policy.eval()
 
 
 # ------------------------------------------------------------------------------------------------

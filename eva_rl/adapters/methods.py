@@ -35,12 +35,11 @@ from transformers.pytorch_utils import Conv1D
 import peft
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
+from eva_rl.policy import ADAPTER_METADATA_FILE
 from eva_rl.storage import atomic_dir
 
 # Every attention and MLP matrix of a GPT-2 block; suffixes of module names, as PEFT matches them.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
-
-ADAPTER_METADATA_FILE = "eva_rl_adapter.json"
 
 
 @dataclass(frozen=True)
