@@ -30,11 +30,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+import eva_rl
 from eva_rl.storage import atomic_path, write_text_atomic
 from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
 
 REFERENCE_KINDS = ("expert", "random")
+eva_rl._make_callable(__name__)  # so that eva_rl.evaluate(...) calls evaluate() below
 _MEASURES = ("success", "return", "length")
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import eva_rl
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import config_to_dict, load_config, save_config
@@ -40,6 +41,7 @@ from eva_rl.train import (DataConfig, OptimConfig, RunInfo, TrainConfig, TrainRe
                           check_run_dir, is_main_process, train)
 
 log = logging.getLogger(__name__)
+eva_rl._make_callable(__name__)  # so that eva_rl.finetune(...) calls finetune() below
 
 
 @dataclass(frozen=True)

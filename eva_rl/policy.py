@@ -372,7 +372,7 @@ class DecisionTransformerPolicy(nn.Module):
         self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
         self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)
         self.metadata = metadata
-        self.register_load_state_dict_pre_hook(_model_keys_under_model)
+        self.register_load_state_dict_pre_hook(_refuse_model_keys)
 
     @property
     def metadata(self) -> PolicyMetadata:
@@ -768,15 +768,20 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
-def _model_keys_under_model(policy: "DecisionTransformerPolicy", state_dict: dict, prefix: str, *_: Any) -> None:
-    """Accept a DecisionTransformerModel's keys ("encoder.h.0...") for the policy's own
-    ("model.encoder.h.0..."). PEFT adapters are saved from the model, so without this
+def _refuse_model_keys(policy: "DecisionTransformerPolicy", state_dict: dict, prefix: str, *_: Any) -> None:
+    """Refuse a DecisionTransformerModel's keys ("encoder.h.0...") loaded into the policy (whose
+    own are "model.encoder.h.0..."). PEFT adapters are saved from the model, so
     `PeftModel.from_pretrained(policy, adapter_dir)` would match none of the adapter's tensors and
-    silently leave the base policy (PEFT only warns); with it, the adapter's weights land."""
+    PEFT would only warn, leaving the base policy to be evaluated as if it were fine-tuned."""
     names = set(dict(policy._dt().named_children()))
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        if key[len(prefix):].split(".", 1)[0] in names:
-            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+    stray = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in names]
+    if stray:
+        raise ValueError(
+            f"Weights keyed for a DecisionTransformerModel (e.g. {stray[0]!r}) were loaded into a "
+            f"DecisionTransformerPolicy, whose model sits under 'model.'. Load an adapter with "
+            f"eva_rl.load_policy(adapter_dir) (or PeftModel.from_pretrained(policy.model, adapter_dir)), and a "
+            f"model's state dict with policy.model.load_state_dict(...)."
+        )
 
 
 def _check_model_matches(model_config: DecisionTransformerConfig, config: PolicyConfig) -> None:
