@@ -32,7 +32,8 @@ def _collect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", default=[], help="task name (repeatable)")
     parser.add_argument("--suite", action="append", default=[], help="suite name: cw10, mt10, mt40, mt50, mujoco, classic")
     parser.add_argument("--policy", default="expert", help="expert | random | sb3:PATH[:ALGO]")
-    parser.add_argument("--noise", type=float, default=0.1, help="Gaussian action-noise sigma added to the policy's actions (0 = none)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="Gaussian action-noise sigma added to the policy's actions (0 = none; default 0.1, none for random)")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--horizon", type=int, default=None, help="steps per episode (default: the suite's)")

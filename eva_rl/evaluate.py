@@ -32,7 +32,7 @@ import torch
 
 import eva_rl
 from eva_rl.storage import atomic_path, write_text_atomic
-from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
+from eva_rl.envs import _space_shapes, expert_policy, make_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
 
 REFERENCE_KINDS = ("expert", "random")
@@ -230,6 +230,7 @@ def evaluate(policy: DecisionTransformerPolicy, tasks: str | Sequence[str], epis
     """
     task_list = resolve_tasks(tasks)
     targets = _resolve_targets(policy, task_list, target_returns)
+    _check_policy_inputs(policy, task_list, target_returns)
     policy.eval()
     settings = {"agent": "policy", "target_returns": targets, "bf16": bool(bf16)}
     return _run(_PolicyAgent(policy, targets, bf16), task_list, episodes, seed, num_envs=num_envs, horizon=horizon,
@@ -252,6 +253,24 @@ def evaluate_reference(kind: str, tasks: str | Sequence[str], episodes: int, see
     agent = _ExpertAgent() if kind == "expert" else _RandomAgent(seed)
     return _run(agent, task_list, episodes, seed, num_envs=num_envs, horizon=horizon, asynchronous=asynchronous,
                 video_dir=video_dir, video_every=video_every, progress=progress, settings={"agent": kind})
+
+
+def _check_policy_inputs(policy: DecisionTransformerPolicy, tasks: Sequence[str],
+                         target_returns: float | Mapping[str, float] | None) -> None:
+    """Errors a user can cause, before any env is built or any episode is run."""
+    if isinstance(target_returns, Mapping):
+        unknown = sorted(set(target_returns) - set(tasks))
+        if unknown:
+            raise ValueError(f"Target returns name {unknown}, which are not evaluated here (tasks: {list(tasks)}); "
+                             f"fix the task name in --target-return TASK=VALUE, or evaluate that task.")
+    for task in tasks:  # the spaces, from envs' cache: building a Meta-World env costs a second
+        obs_shape, act_shape = _space_shapes(task)
+        policy.check_env(task, _Shape(obs_shape), _Shape(act_shape))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]  # what check_env reads of a Gymnasium space
 
 
 def _resolve_targets(policy: DecisionTransformerPolicy, tasks: Sequence[str],

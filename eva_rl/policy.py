@@ -695,22 +695,21 @@ class DecisionTransformerPolicy(nn.Module):
         return policy.eval()
 
     def check_env(self, task: str, observation_space: Any, action_space: Any) -> None:
-        """Raise a ValueError naming both sides when an env's spaces do not fit this policy."""
+        """Raise a ValueError naming both sides when an env's spaces do not fit this policy: a task
+        it was trained on must have the widths it had then; any other task must have exactly the
+        network's widths (as fine-tuning data must), since the policy knows no padding for it."""
         obs_dim = int(np.prod(observation_space.shape))
         act_dim = int(np.prod(action_space.shape))
-        expected = None
         if task in self.metadata.tasks:
             i = self.metadata.tasks.index(task)
-            expected = (self.metadata.obs_dims[i], self.metadata.act_dims[i])
-        if expected is not None and (obs_dim, act_dim) != expected:
+            expected, why = (self.metadata.obs_dims[i], self.metadata.act_dims[i]), "was trained on it with"
+        else:
+            expected, why = (self.config.state_dim, self.config.act_dim), "was not trained on it, and takes"
+        if (obs_dim, act_dim) != expected:
             raise ValueError(
-                f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy was trained "
-                f"on it with ({expected[0]}, {expected[1]})."
-            )
-        if obs_dim > self.config.state_dim or act_dim > self.config.act_dim:
-            raise ValueError(
-                f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy takes at most "
-                f"({self.config.state_dim}, {self.config.act_dim})."
+                f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy {why} "
+                f"({expected[0]}, {expected[1]}). Evaluate on tasks with the spaces of the pretraining data, "
+                f"or fine-tune / pretrain a policy for this task."
             )
 
 

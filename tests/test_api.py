@@ -62,3 +62,32 @@ def test_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     save_adapter(policy, "runs/finetune/adapter", extra={"checkpoint": "runs/pretrain/model"})
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
+
+
+def _policy_for(state_dim: int, act_dim: int, tasks: tuple = ()):
+    from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+
+    config = PolicyConfig.from_preset("tiny", state_dim=state_dim, act_dim=act_dim)
+    metadata = PolicyMetadata(state_mean=[0.0] * state_dim, state_std=[1.0] * state_dim, tasks=tasks,
+                              target_returns={t: 1.0 for t in tasks}, obs_dims=[state_dim] * len(tasks),
+                              act_dims=[act_dim] * len(tasks))
+    return DecisionTransformerPolicy(config, metadata)
+
+
+def test_evaluate_refuses_a_task_whose_spaces_differ_from_the_checkpoint_before_any_episode(monkeypatch):
+    from eva_rl import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_run", lambda *a, **kw: pytest.fail("rolled out"))
+    metaworld_sized = _policy_for(39, 4, tasks=("reach-v3",))
+    with pytest.raises(ValueError, match=r"'Pendulum-v1': the env has obs/action dims \(3, 1\) but the policy was "
+                                         r"not trained on it, and takes \(39, 4\)"):
+        eva_rl.evaluate(metaworld_sized, ["reach-v3", "Pendulum-v1"], 2, 0, target_returns=1.0)
+
+
+def test_a_target_return_for_a_task_not_evaluated_is_an_error(monkeypatch):
+    from eva_rl import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_run", lambda *a, **kw: pytest.fail("rolled out"))
+    policy = _policy_for(3, 1, tasks=("Pendulum-v1",))
+    with pytest.raises(ValueError, match=r"name \['Pendulm-v1'\], which are not evaluated here.*--target-return"):
+        eva_rl.evaluate(policy, "Pendulum-v1", 2, 0, target_returns={"Pendulm-v1": -100.0})

@@ -65,6 +65,15 @@ def test_collect_episodes_leaves_a_callers_env_open():
     assert CountCloses.closes == 0  # the caller owns it (collect_task reads its spaces afterwards)
 
 
+def test_random_means_no_noise_unless_asked(tmp_path, capsys):
+    assert CollectConfig(policy="random").action_noise == 0.0 and CollectConfig().action_noise == 0.1
+    assert CollectConfig(policy="random", noise=0.3).action_noise == 0.3
+    assert main(["collect", "--task", "Pendulum-v1", "--policy", "random", "--episodes", "1", "--horizon", "3",
+                 "--out", str(tmp_path)]) == 0
+    dataset = minari.MinariDataset(tmp_path / "eva-rl" / "Pendulum-v1-random-v0" / "data")
+    assert dataset.storage.metadata["eva_rl_noise"] == 0.0
+
+
 def test_random_policy_and_metadata_by_id(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     config = CollectConfig(policy="random", noise=0.0, episodes=3, horizon=10)
