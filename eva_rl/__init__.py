@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load_policy": "eva_rl.policy",
+    "load_policy": "eva_rl.loading",
     "DecisionTransformerPolicy": "eva_rl.policy",
     "PolicyConfig": "eva_rl.policy",
     "PolicyMetadata": "eva_rl.policy",

@@ -86,20 +86,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_of(temp_name: str, name: str) -> tuple[int, str] | None:
+    """(pid, host id) of the process that made the temporary sibling `temp_name` of `name`."""
+    match = re.match(rf"^\.{re.escape(name)}\.(\d+)-([0-9a-f]{{8}})\.", temp_name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def _writer_alive(temp_name: str, name: str) -> bool:
+    """Whether that writer may still be running: this process, a live process of this host, or
+    any process of another host (which cannot be checked from here)."""
+    writer = _writer_of(temp_name, name)
+    if writer is None:
+        return False
+    pid, host = writer
+    return host != _HOST or pid == os.getpid() or _pid_alive(pid)
+
+
 def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     """Remove temporary siblings of `path` (`.NAME.<pid>-<host>.*` directories and files) whose
     writer, a process of this host, has ended. Returns what was removed."""
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-([0-9a-f]{{8}})\.")
     removed = []
     try:
-        entries = list(path.parent.iterdir())
+        entries = [e for e in path.parent.iterdir() if _writer_of(e.name, path.name) is not None]
     except FileNotFoundError:
         return removed
     for entry in entries:
-        match = pattern.match(entry.name)
-        if not match or match.group(2) != _HOST or _pid_alive(int(match.group(1))):
-            continue  # another host's writer, or one still running
+        if _writer_alive(entry.name, path.name):
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -263,6 +277,9 @@ def recover_dir(path: str | os.PathLike) -> bool:
             aside = path.parent / json.loads(journal.read_text())["aside"]
         except (ValueError, KeyError):  # the journal itself is written atomically; be safe anyway
             aside = None
+        writer = _writer_of(aside.name, path.name) if aside is not None else None
+        if writer is not None and writer[0] != os.getpid() and _writer_alive(aside.name, path.name):
+            return False  # a swap in progress, not an interrupted one
         if not path.exists() and aside is not None and aside.is_dir():
             os.rename(aside, path)
             restored = True

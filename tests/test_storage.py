@@ -52,10 +52,19 @@ def test_a_failed_directory_swap_puts_the_old_one_back(tmp_path, monkeypatch):
     assert (final / "weights.bin").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["final", "new"]
 
 
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
 def test_recover_dir_puts_back_the_old_directory_of_an_interrupted_swap(tmp_path, caplog):
     # the state a kill between the journal's two renames leaves: journal, aside copy, no final
-    aside = _dir(tmp_path / ".final.1-00000000.old-x", "old")
-    (tmp_path / ".final.replace.json").write_text('{"aside": "%s", "new": ".final.x"}' % aside.name)
+    journal = tmp_path / ".final.replace.json"
+    live = _dir(tmp_path / f".final.{os.getppid()}-{storage._HOST}.old-x", "old")
+    journal.write_text('{"aside": "%s", "new": ".final.x"}' % live.name)
+    assert storage.recover_dir(tmp_path / "final") is False and live.exists()  # a running swap is left alone
+    aside = live.rename(tmp_path / f".final.{_dead_pid()}-{storage._HOST}.old-x")
+    journal.write_text('{"aside": "%s", "new": ".final.x"}' % aside.name)
     with caplog.at_level(logging.WARNING):
         assert storage.recover_dir(tmp_path / "final") is True
     assert (tmp_path / "final" / "weights.bin").read_text() == "old" and "restored the previous" in caplog.text
@@ -68,8 +77,7 @@ def test_recover_dir_puts_back_the_old_directory_of_an_interrupted_swap(tmp_path
 
 
 def test_leftovers_of_dead_writers_go_and_those_of_live_ones_stay(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
+    dead_pid = _dead_pid()
     stale_dir = _dir(tmp_path / f".ckpt.{dead_pid}-{storage._HOST}.abcd", "half")
     stale_file = tmp_path / f".ckpt.{dead_pid}-{storage._HOST}.ef.tmp.json"
     stale_file.write_text("{")
