@@ -91,3 +91,20 @@ def test_a_target_return_for_a_task_not_evaluated_is_an_error(monkeypatch):
     policy = _policy_for(3, 1, tasks=("Pendulum-v1",))
     with pytest.raises(ValueError, match=r"name \['Pendulm-v1'\], which are not evaluated here.*--target-return"):
         eva_rl.evaluate(policy, "Pendulum-v1", 2, 0, target_returns={"Pendulm-v1": -100.0})
+
+
+def test_cli_turns_a_plain_checkpoint_and_a_missing_device_into_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from eva_rl.cli import main
+
+    policy = _policy_for(3, 1, tasks=("Pendulum-v1",))
+    policy.model.save_pretrained(tmp_path / "plain")
+    assert main(["evaluate", str(tmp_path / "plain"), "--tasks", "Pendulum-v1", "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "without eva_rl.json" in err and "`eva-rl import`" in err and "Traceback" not in err
+    policy.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", str(tmp_path / "ckpt"), "--tasks", "Pendulum-v1", "--episodes", "1",
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available on this machine; use --device cpu" in capsys.readouterr().err
