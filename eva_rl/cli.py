@@ -82,7 +82,7 @@ def _collect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", action="append", default=[], help="suite name: cw10, mt10, mt40, mt50, mujoco, classic")
     # the flags below set the CollectConfig key of their name; defaults live in the config class only
     parser.add_argument("--policy", help="key policy: expert | random | sb3:PATH[:ALGO]")
-    parser.add_argument("--noise", type=float, help="key noise: Gaussian action-noise sigma (0 = none)")
+    parser.add_argument("--noise", type=float, help="key noise: Gaussian action-noise sigma (0 = none; default 0.1, none for random)")
     parser.add_argument("--episodes", type=int, help="key episodes: episodes per task")
     parser.add_argument("--seed", type=int, help="key seed")
     parser.add_argument("--horizon", type=int, help="key horizon: steps per episode (default: the suite's)")

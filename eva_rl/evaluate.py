@@ -30,12 +30,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+import eva_rl
 from eva_rl import stats
 from eva_rl.storage import atomic_path, write_text_atomic
-from eva_rl.envs import expert_policy, make_env, resolve_tasks, task_spec
-from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
+from eva_rl.envs import _space_shapes, expert_policy, make_env, resolve_tasks, task_spec
+from eva_rl.policy import DecisionTransformerPolicy, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
 
 REFERENCE_KINDS = ("expert", "random")
+eva_rl._make_callable(__name__)  # so that eva_rl.evaluate(...) calls evaluate() below
 _MEASURES = ("success", "return", "length")
 
 
@@ -155,57 +157,6 @@ class EvalResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading what to evaluate
-# ------------------------------------------------------------------------------------------------
-
-ADAPTER_INFO_FILE = "eva_rl_adapter.json"  # written next to a PEFT adapter by fine-tuning
-
-
-def load_policy(directory: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                device: str | torch.device | None = None) -> DecisionTransformerPolicy:
-    """The policy in `directory`: a checkpoint (`save_pretrained`), or a fine-tuning adapter
-    directory (PEFT `adapter_config.json`, or a full-fine-tuning `model/` inside) applied to the
-    pretrained checkpoint `base` (default: the one recorded when the adapter was saved). The
-    adapter's saved metadata (its tasks and target returns) replaces the base's."""
-    path = Path(directory)
-    if (path / "config.json").exists():
-        return DecisionTransformerPolicy.from_pretrained(path, device=device)
-    if (path / "model" / "config.json").exists():
-        return DecisionTransformerPolicy.from_pretrained(path / "model", device=device)
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(
-            f"{str(path)!r} holds neither a checkpoint (config.json) nor an adapter (adapter_config.json); "
-            f"pass a model/ or merged/ directory of a run, or its adapter/ directory."
-        )
-    info = {}
-    if (path / ADAPTER_INFO_FILE).exists():
-        try:
-            info = json.loads((path / ADAPTER_INFO_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path / ADAPTER_INFO_FILE)!r} is not valid JSON ({exc}); the adapter directory is "
-                             f"damaged: fine-tune again, or delete that file and pass base=... (--base DIR).") from None
-    if base is None:
-        recorded = info.get("checkpoint") or json.loads((path / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
-        if not recorded or not Path(recorded).is_dir():
-            raise FileNotFoundError(
-                f"The adapter in {str(path)!r} records its base checkpoint as {recorded!r}, which is not a directory "
-                f"here; pass the pretrained checkpoint with base=... (--base DIR)."
-            )
-        base = recorded
-    from peft import PeftModel
-
-    # the adapter's metadata also lets a plain DecisionTransformerModel base (no eva_rl.json) load
-    metadata = PolicyMetadata.from_dict(info["metadata"]) if info.get("metadata") else None
-    policy = DecisionTransformerPolicy.from_pretrained(base, metadata=metadata, device=device,
-                                                       context_length=info.get("context_length"))
-    policy.model = PeftModel.from_pretrained(policy.model, str(path))
-    if device is not None:
-        policy.to(device)
-    return policy.eval()
-
-
-# ------------------------------------------------------------------------------------------------
 # Agents: what acts in the rollout loop
 # ------------------------------------------------------------------------------------------------
 
@@ -275,6 +226,7 @@ def evaluate(policy: DecisionTransformerPolicy, tasks: str | Sequence[str], epis
     """
     task_list = resolve_tasks(tasks)
     targets = _resolve_targets(policy, task_list, target_returns)
+    _check_policy_inputs(policy, task_list, target_returns)
     policy.eval()
     settings = {"agent": "policy", "target_returns": targets, "bf16": bool(bf16)}
     return _run(_PolicyAgent(policy, targets, bf16), task_list, episodes, seed, num_envs=num_envs, horizon=horizon,
@@ -297,6 +249,24 @@ def evaluate_reference(kind: str, tasks: str | Sequence[str], episodes: int, see
     agent = _ExpertAgent() if kind == "expert" else _RandomAgent(seed)
     return _run(agent, task_list, episodes, seed, num_envs=num_envs, horizon=horizon, asynchronous=asynchronous,
                 video_dir=video_dir, video_every=video_every, progress=progress, settings={"agent": kind})
+
+
+def _check_policy_inputs(policy: DecisionTransformerPolicy, tasks: Sequence[str],
+                         target_returns: float | Mapping[str, float] | None) -> None:
+    """Errors a user can cause, before any env is built or any episode is run."""
+    if isinstance(target_returns, Mapping):
+        unknown = sorted(set(target_returns) - set(tasks))
+        if unknown:
+            raise ValueError(f"Target returns name {unknown}, which are not evaluated here (tasks: {list(tasks)}); "
+                             f"fix the task name in --target-return TASK=VALUE, or evaluate that task.")
+    for task in tasks:  # the spaces, from envs' cache: building a Meta-World env costs a second
+        obs_shape, act_shape = _space_shapes(task)
+        policy.check_env(task, _Shape(obs_shape), _Shape(act_shape))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]  # what check_env reads of a Gymnasium space
 
 
 def _resolve_targets(policy: DecisionTransformerPolicy, tasks: Sequence[str],

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import eva_rl
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
 from eva_rl.config import config_to_dict, load_config, save_config
@@ -44,6 +45,7 @@ from eva_rl.train import (DataConfig, OptimConfig, PolicySection, RunInfo, Train
                           split_data, train)
 
 log = logging.getLogger(__name__)
+eva_rl._make_callable(__name__)  # so that eva_rl.finetune(...) calls finetune() below
 
 
 @dataclass(frozen=True)
@@ -146,27 +148,31 @@ class FinetuneConfig:
 
 
 def load_pretrained(config: FinetuneConfig, dataset: Any) -> nn.Module:
-    """The pretrained DecisionTransformerPolicy that config.checkpoint names (eval mode).
-
-    A plain DecisionTransformerModel dir gets its normalisation from config.state_mean/std, or
-    from `dataset` (raw observations) when those are empty.
+    """The pretrained DecisionTransformerPolicy that config.checkpoint names (eval mode), through
+    `eva_rl.policy.load_policy`. A plain DecisionTransformerModel dir gets its normalisation from
+    config.state_mean/std, or from `dataset` (raw observations) when those are empty.
     """
-    from eva_rl.policy import METADATA_FILE, DecisionTransformerPolicy, PolicyMetadata
+    from eva_rl.policy import MissingMetadataError, PolicyMetadata, load_policy
 
+    if not config.checkpoint:
+        raise FileNotFoundError("checkpoint is empty; pass the model/ dir of a pretraining run (or a "
+                                "DecisionTransformerModel save_pretrained dir).")
     path = Path(config.checkpoint)
-    if not config.checkpoint or not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {config.checkpoint!r} is not a directory; pass the model/ dir of a "
-                                f"pretraining run (or a DecisionTransformerModel save_pretrained dir).")
-    if (path / METADATA_FILE).exists():
-        return DecisionTransformerPolicy.from_pretrained(path)
-    if config.state_mean:
-        mean, std = np.asarray(config.state_mean, np.float32), np.asarray(config.state_std, np.float32)
-    else:
-        log.info("%s is a plain DecisionTransformerModel: normalising with the fine-tuning data's statistics.", path)
-        computed = dataset.with_normalization(None, None)
-        mean, std = computed.state_mean, computed.state_std
-    metadata = PolicyMetadata(state_mean=mean, state_std=std, return_scale=config.train.data.return_scale)
-    return DecisionTransformerPolicy.from_pretrained(path, metadata=metadata, context_length=config.context_length)
+    try:
+        policy = load_policy(path)
+    except MissingMetadataError:
+        if config.state_mean:
+            mean, std = np.asarray(config.state_mean, np.float32), np.asarray(config.state_std, np.float32)
+        else:
+            log.info("%s is a plain DecisionTransformerModel: normalising with the fine-tuning data's statistics.", path)
+            computed = dataset.with_normalization(None, None)
+            mean, std = computed.state_mean, computed.state_std
+        metadata = PolicyMetadata(state_mean=mean, state_std=std, return_scale=config.train.data.return_scale)
+        policy = load_policy(path, metadata=metadata, context_length=config.context_length)
+    if hasattr(policy.model, "peft_config"):
+        raise ValueError(f"checkpoint {config.checkpoint!r} is an adapter; fine-tune from a full checkpoint "
+                         f"(the pretraining run's model/, or a fine-tuning run's merged/).")
+    return policy
 
 
 def check_fit(policy: nn.Module, dataset: Any) -> None:

@@ -101,20 +101,13 @@ class PolicyConfig:
     def to_transformers(self) -> DecisionTransformerConfig:
         """The `transformers` config of this architecture (what config.json holds)."""
         return DecisionTransformerConfig(
-            state_dim=self.state_dim,
-            act_dim=self.act_dim,
-            hidden_size=self.hidden_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
+            **{theirs: getattr(self, ours) for ours, theirs in TRANSFORMERS_FIELDS},
             n_inner=4 * self.hidden_size,
             # the DT gives every token position 0, so only the first row is ever used; 3K is the real length
             n_positions=3 * self.context_length,
-            max_ep_len=self.max_ep_len,
-            activation_function=self.activation,
             resid_pdrop=self.dropout,
             embd_pdrop=self.dropout,
             attn_pdrop=self.dropout,
-            action_tanh=self.action_tanh,
             bos_token_id=None,
             eos_token_id=None,
         )
@@ -128,18 +121,24 @@ class PolicyConfig:
                 f"The checkpoint's MLP width n_inner={config.n_inner} is not 4 x hidden_size "
                 f"({4 * config.hidden_size}); eva-rl policies use the GPT-2 default."
             )
-        return cls(
-            state_dim=config.state_dim,
-            act_dim=config.act_dim,
-            hidden_size=config.hidden_size,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            context_length=context_length,
-            max_ep_len=config.max_ep_len,
-            dropout=float(config.resid_pdrop),
-            activation=config.activation_function,
-            action_tanh=config.action_tanh,
-        )
+        return cls(**{ours: getattr(config, theirs) for ours, theirs in TRANSFORMERS_FIELDS},
+                   context_length=context_length, dropout=float(config.resid_pdrop))
+
+    def mismatches(self, other: "PolicyConfig") -> list[str]:
+        """The architecture fields (those config.json records) where `other` differs, as
+        "name: self's vs other's" lines; empty when the same network fits both."""
+        return [f"{ours} ({theirs}): {getattr(self, ours)!r} vs {getattr(other, ours)!r}"
+                for ours, theirs in TRANSFORMERS_FIELDS if getattr(self, ours) != getattr(other, ours)]
+
+
+# PolicyConfig field -> DecisionTransformerConfig field, for the fields that map one to one. It
+# drives to_transformers, from_transformers and every "does this checkpoint match" check; the
+# others are derived (n_inner = 4 x hidden, n_positions = 3K, the three dropouts = dropout).
+TRANSFORMERS_FIELDS: tuple[tuple[str, str], ...] = (
+    ("state_dim", "state_dim"), ("act_dim", "act_dim"), ("hidden_size", "hidden_size"), ("n_layer", "n_layer"),
+    ("n_head", "n_head"), ("max_ep_len", "max_ep_len"), ("activation", "activation_function"),
+    ("action_tanh", "action_tanh"),
+)
 
 
 @dataclass(frozen=True)
@@ -373,6 +372,7 @@ class DecisionTransformerPolicy(nn.Module):
         self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
         self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)
         self.metadata = metadata
+        self.register_load_state_dict_pre_hook(_refuse_model_keys)
 
     @property
     def metadata(self) -> PolicyMetadata:
@@ -652,12 +652,13 @@ class DecisionTransformerPolicy(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json + model.safetensors (plain `DecisionTransformerModel.from_pretrained`
         loads them) and eva_rl.json (config, metadata). Atomic: written into a temporary sibling
-        directory, then renamed into place; an existing checkpoint at `directory` is replaced."""
+        directory, then swapped in (`storage.replace_dir`); an existing checkpoint at `directory`
+        is replaced, and a crash at any instant leaves the old or the new one."""
         target = Path(directory)
         if hasattr(self.model, "peft_config"):
             raise ValueError(
-                "This policy's model carries PEFT adapters: save the adapter with policy.model.save_pretrained(dir), "
-                "or merge it first (policy.model = policy.model.merge_and_unload()) to save a full checkpoint."
+                "This policy's model carries PEFT adapters: save the adapter with "
+                "eva_rl.adapters.methods.save_adapter(policy, dir), or a merged checkpoint with save_merged."
             )
         if target.exists() and not target.is_dir():
             raise FileExistsError(f"{str(target)!r} exists and is a file; give a directory path for the checkpoint.")
@@ -668,7 +669,9 @@ class DecisionTransformerPolicy(nn.Module):
                 f"{str(target)!r} is a non-empty directory that holds no checkpoint; refusing to replace it. "
                 f"Choose a new or empty directory."
             )
-        with atomic_dir(target) as tmp:
+        from eva_rl.loading import no_progress_bars
+
+        with atomic_dir(target) as tmp, no_progress_bars():
             self.model.save_pretrained(tmp, safe_serialization=True)
             payload = {
                 "format": _FORMAT_VERSION,
@@ -676,10 +679,7 @@ class DecisionTransformerPolicy(nn.Module):
                 "config": dataclasses.asdict(self.config),
                 "metadata": self.metadata.to_dict(),
             }
-            with open(tmp / METADATA_FILE, "w") as handle:
-                json.dump(payload, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
+            (tmp / METADATA_FILE).write_text(json.dumps(payload, indent=2))  # atomic_dir fsyncs the tree
         return target
 
     @classmethod
@@ -688,81 +688,32 @@ class DecisionTransformerPolicy(nn.Module):
                         device: str | torch.device | None = None) -> "DecisionTransformerPolicy":
         """Load a checkpoint written by `save_pretrained`, or a plain `DecisionTransformerModel`
         directory (then `metadata` is required and `context_length` defaults to 20). `metadata`
-        and `context_length` override the saved ones. Only safetensors weights are read.
-        The policy comes back in eval mode."""
-        path = Path(directory)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"No checkpoint directory at {str(path)!r}; pass a directory made by save_pretrained."
-            )
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"{str(path)!r} has no config.json, so it is not a DecisionTransformerModel checkpoint."
-            )
-        if not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"{str(path)!r} has no .safetensors weights; eva-rl never loads pickled weights "
-                f"(convert them with safetensors first)."
-            )
-        saved_config: PolicyConfig | None = None
-        meta_file = path / METADATA_FILE
-        if meta_file.exists():
-            try:
-                payload = json.loads(meta_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{str(meta_file)!r} is not valid JSON ({exc}); the checkpoint is damaged.") from None
-            fmt = payload.get("format")
-            if fmt != _FORMAT_VERSION:
-                raise ValueError(
-                    f"{str(meta_file)!r} has format {fmt!r}, this eva-rl reads format {_FORMAT_VERSION}."
-                )
-            saved_config = PolicyConfig(**payload["config"])
-            if metadata is None:
-                metadata = PolicyMetadata.from_dict(payload["metadata"])
-        elif metadata is None:
-            raise ValueError(
-                f"{str(path)!r} is a plain DecisionTransformerModel checkpoint without {METADATA_FILE}: "
-                f"pass metadata=PolicyMetadata(...) (state normalisation, return scale, tasks) to load it."
-            )
-        model = DecisionTransformerModel.from_pretrained(path, use_safetensors=True)
-        k = context_length or (saved_config.context_length if saved_config else 20)
-        config = PolicyConfig.from_transformers(model.config, context_length=k)
-        if saved_config is not None:
-            mismatched = {
-                name: (getattr(saved_config, name), getattr(config, name))
-                for name in ("state_dim", "act_dim", "hidden_size", "n_layer", "n_head", "max_ep_len",
-                             "activation", "action_tanh")
-                if getattr(saved_config, name) != getattr(config, name)
-            }
-            if mismatched:
-                raise ValueError(
-                    f"{METADATA_FILE} and config.json in {str(path)!r} disagree "
-                    + ", ".join(f"{n}: {a!r} (eva_rl.json) vs {b!r} (config.json)" for n, (a, b) in mismatched.items())
-                    + "; the checkpoint was edited by hand or mixed from two saves."
-                )
-            config = dataclasses.replace(config, dropout=saved_config.dropout)
-        policy = cls(config, metadata, model=model)
+        and `context_length` override the saved ones. Only safetensors weights are read, and they
+        must be exactly the tensors config.json describes. The policy comes back in eval mode.
+        `load_policy` also loads adapters and run directories."""
+        from eva_rl.loading import load_checkpoint
+
+        policy = load_checkpoint(cls, Path(directory), metadata=metadata, context_length=context_length)
         if device is not None:
             policy.to(device)
         return policy.eval()
 
     def check_env(self, task: str, observation_space: Any, action_space: Any) -> None:
-        """Raise a ValueError naming both sides when an env's spaces do not fit this policy."""
+        """Raise a ValueError naming both sides when an env's spaces do not fit this policy: a task
+        it was trained on must have the widths it had then; any other task must have exactly the
+        network's widths (as fine-tuning data must), since the policy knows no padding for it."""
         obs_dim = int(np.prod(observation_space.shape))
         act_dim = int(np.prod(action_space.shape))
-        expected = None
         if task in self.metadata.tasks:
             i = self.metadata.tasks.index(task)
-            expected = (self.metadata.obs_dims[i], self.metadata.act_dims[i])
-        if expected is not None and (obs_dim, act_dim) != expected:
+            expected, why = (self.metadata.obs_dims[i], self.metadata.act_dims[i]), "was trained on it with"
+        else:
+            expected, why = (self.config.state_dim, self.config.act_dim), "was not trained on it, and takes"
+        if (obs_dim, act_dim) != expected:
             raise ValueError(
-                f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy was trained "
-                f"on it with ({expected[0]}, {expected[1]})."
-            )
-        if obs_dim > self.config.state_dim or act_dim > self.config.act_dim:
-            raise ValueError(
-                f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy takes at most "
-                f"({self.config.state_dim}, {self.config.act_dim})."
+                f"Task {task!r}: the env has obs/action dims ({obs_dim}, {act_dim}) but the policy {why} "
+                f"({expected[0]}, {expected[1]}). Evaluate on tasks with the spaces of the pretraining data, "
+                f"or fine-tune / pretrain a policy for this task."
             )
 
 
@@ -813,14 +764,31 @@ def _last_query_qkv(c_attn: nn.Module, h: torch.Tensor | None, qkv0: torch.Tenso
     return q[:, -1:], key, value
 
 
-def _check_model_matches(model_config: DecisionTransformerConfig, config: PolicyConfig) -> None:
-    expected = config.to_transformers()
-    names = ("state_dim", "act_dim", "hidden_size", "n_layer", "n_head", "max_ep_len", "activation_function",
-             "action_tanh")
-    mismatched = [(n, getattr(expected, n), getattr(model_config, n)) for n in names
-                  if getattr(expected, n) != getattr(model_config, n)]
-    if mismatched:
+def _refuse_model_keys(policy: "DecisionTransformerPolicy", state_dict: dict, prefix: str, *_: Any) -> None:
+    """Refuse a DecisionTransformerModel's keys ("encoder.h.0...") loaded into the policy (whose
+    own are "model.encoder.h.0..."). PEFT adapters are saved from the model, so
+    `PeftModel.from_pretrained(policy, adapter_dir)` would match none of the adapter's tensors and
+    PEFT would only warn, leaving the base policy to be evaluated as if it were fine-tuned."""
+    names = set(dict(policy._dt().named_children()))
+    stray = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in names]
+    if stray:
         raise ValueError(
-            "The model does not match the policy config: "
-            + ", ".join(f"{n}: {a!r} (config) vs {b!r} (model)" for n, a, b in mismatched) + "."
+            f"Weights keyed for a DecisionTransformerModel (e.g. {stray[0]!r}) were loaded into a "
+            f"DecisionTransformerPolicy, whose model sits under 'model.'. Load an adapter with "
+            f"eva_rl.load_policy(adapter_dir) (or PeftModel.from_pretrained(policy.model, adapter_dir)), and a "
+            f"model's state dict with policy.model.load_state_dict(...)."
         )
+
+
+def _check_model_matches(model_config: DecisionTransformerConfig, config: PolicyConfig) -> None:
+    mismatched = config.mismatches(PolicyConfig.from_transformers(model_config, context_length=config.context_length))
+    if mismatched:
+        raise ValueError("The model does not match the policy config (config vs model): " + "; ".join(mismatched) + ".")
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the loader lives in eva_rl.loading, which imports this module
+    if name in ("load_policy", "MissingMetadataError", "ADAPTER_METADATA_FILE"):
+        from eva_rl import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,6 +160,7 @@ def test_evaluate_takes_its_target_returns_from_a_dataset(capsys, tmp_path: Path
     import eva_rl.evaluate as evaluate
     from tests.test_trajectories import make_episode, write_minari
 
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # write_minari writes there
     directory = write_minari(tmp_path / "minari", "eva-rl/toy-v0", [make_episode(3), make_episode(4, value=2.0)])
     # returns: 1+2+3 = 6 and 3+4+5+6 = 18; the best one is the target
     assert evaluate.dataset_target_returns([str(directory)]) == {"toy-task": 18.0}

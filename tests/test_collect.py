@@ -65,6 +65,15 @@ def test_collect_episodes_leaves_a_callers_env_open():
     assert CountCloses.closes == 0  # the caller owns it (collect_task reads its spaces afterwards)
 
 
+def test_random_means_no_noise_unless_asked(tmp_path, capsys):
+    assert CollectConfig(policy="random").action_noise == 0.0 and CollectConfig().action_noise == 0.1
+    assert CollectConfig(policy="random", noise=0.3).action_noise == 0.3
+    assert main(["collect", "--task", "Pendulum-v1", "--policy", "random", "--episodes", "1", "--horizon", "3",
+                 "--out", str(tmp_path)]) == 0
+    dataset = minari.MinariDataset(tmp_path / "eva-rl" / "Pendulum-v1-random-v0" / "data")
+    assert dataset.storage.metadata["eva_rl_noise"] == 0.0
+
+
 def test_random_policy_and_metadata_by_id(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     config = CollectConfig(policy="random", noise=0.0, episodes=3, horizon=10)
@@ -101,7 +110,7 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
     assert (summary.path / "data" / "main_data.hdf5").read_bytes() == before
     _collect(tmp_path, overwrite=True, episodes=3)
     assert minari.MinariDataset(summary.path / "data").total_episodes == 3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    assert [p.name for p in (tmp_path / "eva-rl").iterdir()] == ["reach-v3-expert-noise0p1-v0"]  # no temp folder left
 
 
 def test_a_crash_while_writing_leaves_the_old_dataset(tmp_path, monkeypatch):
@@ -110,11 +119,11 @@ def test_a_crash_while_writing_leaves_the_old_dataset(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("minari.create_dataset_from_buffers", crash)
+    monkeypatch.setattr("minari.dataset.minari_storage.MinariStorage.new", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         _collect(tmp_path, overwrite=True, episodes=3)
     assert minari.MinariDataset(summary.path / "data").total_episodes == 2
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    assert [p.name for p in (tmp_path / "eva-rl").iterdir()] == ["reach-v3-expert-noise0p1-v0"]  # no temp folder left
 
 
 def test_bad_names_and_existing_datasets_fail_at_the_call_before_any_work(tmp_path, monkeypatch):

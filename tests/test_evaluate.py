@@ -139,7 +139,7 @@ def test_evaluate_errors():
     narrow = DecisionTransformerPolicy(PolicyConfig.from_preset("tiny", state_dim=2, act_dim=1),
                                        PolicyMetadata(state_mean=np.zeros(2), state_std=np.ones(2),
                                                       target_returns={PENDULUM: 0.0}))
-    with pytest.raises(ValueError, match=r"env has obs/action dims \(3, 1\) but the policy takes at most \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"env has obs/action dims \(3, 1\) but the policy was not trained on it, and takes \(2, 1\)"):
         evaluate(narrow, PENDULUM, episodes=1, seed=0, horizon=4)
 
 

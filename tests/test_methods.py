@@ -10,7 +10,9 @@ from peft import PeftModel
 from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
 from eva_rl.adapters import methods
+from eva_rl import policy as policy_mod
 from eva_rl.adapters.methods import METHODS, apply_method, resolve_target_modules
+from eva_rl.policy import load_policy
 
 STATE, ACT, B, K = 5, 3, 4, 6
 
@@ -228,7 +230,6 @@ def test_bad_input_is_reported_before_any_work() -> None:
 
 
 def test_policy_keeps_working_with_adapters(tmp_path) -> None:
-    policy_mod = pytest.importorskip("eva_rl.policy")
     config = policy_mod.PolicyConfig.from_preset("tiny", state_dim=STATE, act_dim=ACT, max_ep_len=64, dropout=0.0)
     metadata = policy_mod.PolicyMetadata(state_mean=[0.0] * STATE, state_std=[1.0] * STATE, tasks=("t",),
                                          obs_dims=(STATE,), act_dims=(ACT,))
@@ -243,3 +244,48 @@ def test_policy_keeps_working_with_adapters(tmp_path) -> None:
     methods.save_merged(policy, tmp_path / "merged")
     loaded = policy_mod.DecisionTransformerPolicy.from_pretrained(tmp_path / "merged")
     assert torch.allclose(loaded(batch), policy(batch), atol=1e-5)
+
+
+def _policy(seed: int = 0, hidden_size: int = 32) -> "policy_mod.DecisionTransformerPolicy":
+    torch.manual_seed(seed)
+    config = policy_mod.PolicyConfig.from_preset("tiny", state_dim=STATE, act_dim=ACT, max_ep_len=64,
+                                                 hidden_size=hidden_size)
+    metadata = policy_mod.PolicyMetadata(state_mean=[0.0] * STATE, state_std=[1.0] * STATE)
+    return policy_mod.DecisionTransformerPolicy(config, metadata).eval()
+
+
+def _saved_adapter(tmp_path):
+    _policy().save_pretrained(tmp_path / "base")
+    policy = apply_method(load_policy(tmp_path / "base"), "lora", rank=2)
+    perturb_adapter(policy)
+    methods.save_adapter(policy, tmp_path / "adapter", extra={"checkpoint": str(tmp_path / "base")})
+    return policy.eval()
+
+
+def test_peft_on_a_policy_either_loads_the_adapter_or_names_load_policy(tmp_path) -> None:
+    """README's route, PeftModel.from_pretrained, on the obvious object must never give the base
+    policy with only a warning."""
+    trained = _saved_adapter(tmp_path)
+    batch = make_batch()
+    with torch.no_grad():
+        expected = trained(batch)
+        assert not torch.allclose(load_policy(tmp_path / "base")(batch), expected, atol=1e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "missing adapter keys" warning either
+            assert torch.allclose(load_policy(tmp_path / "adapter")(batch), expected, atol=1e-6)
+        with pytest.raises(ValueError, match=r"eva_rl.load_policy\(adapter_dir\)"):
+            PeftModel.from_pretrained(load_policy(tmp_path / "base"), tmp_path / "adapter")
+        policy = load_policy(tmp_path / "base")  # the other route: the policy's model takes it whole
+        policy.model = PeftModel.from_pretrained(policy.model, tmp_path / "adapter")
+        assert torch.allclose(policy.eval()(batch), expected, atol=1e-6)
+
+
+def test_an_adapter_on_the_wrong_base_or_pickled_is_a_clear_error(tmp_path) -> None:
+    _saved_adapter(tmp_path)
+    _policy(hidden_size=16).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"adapter in .*adapter' does not fit the base checkpoint .*other'.*"
+                                         r"pass the checkpoint it was fine-tuned from"):
+        load_policy(tmp_path / "adapter", base=tmp_path / "other")
+    (tmp_path / "adapter" / "adapter_model.safetensors").rename(tmp_path / "adapter" / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"only \['adapter_model.bin'\]: eva-rl never loads pickled weights"):
+        load_policy(tmp_path / "adapter")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import DecisionTransformerModel
 
-from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
+from eva_rl import evaluate as eva_rl_evaluate
+from eva_rl.policy import DecisionTransformerPolicy, MissingMetadataError, PolicyConfig, PolicyMetadata, load_policy
 
 STATE_DIM, ACT_DIM = 6, 3
 
@@ -260,17 +263,6 @@ def test_plain_transformers_loads_the_weights(tmp_path):
     assert model.config.state_dim == STATE_DIM and model.config.n_layer == 2
 
 
-def test_plain_transformers_dir_needs_metadata(tmp_path):
-    policy = make_policy()
-    policy.model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="pass metadata="):
-        DecisionTransformerPolicy.from_pretrained(tmp_path)
-    loaded = DecisionTransformerPolicy.from_pretrained(tmp_path, metadata=make_metadata(), context_length=5)
-    batch = make_batch()
-    with torch.no_grad():
-        assert torch.equal(loaded(batch), policy(batch))
-
-
 def test_save_replaces_a_checkpoint_but_not_other_directories(tmp_path):
     make_policy(n_layer=1).save_pretrained(tmp_path / "ckpt")
     make_policy(n_layer=2).save_pretrained(tmp_path / "ckpt")
@@ -282,19 +274,116 @@ def test_save_replaces_a_checkpoint_but_not_other_directories(tmp_path):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
-def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
-        DecisionTransformerPolicy.from_pretrained(tmp_path / "missing")
-    make_policy().save_pretrained(tmp_path / "ckpt")
-    meta_file = tmp_path / "ckpt" / "eva_rl.json"
-    payload = json.loads(meta_file.read_text())
-    payload["config"]["hidden_size"] = 64
-    meta_file.write_text(json.dumps(payload))
-    with pytest.raises(ValueError, match=r"hidden_size: 64 \(eva_rl.json\) vs 32 \(config.json\)"):
-        DecisionTransformerPolicy.from_pretrained(tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="safetensors"):
-        DecisionTransformerPolicy.from_pretrained(tmp_path / "ckpt")
+def _saved(tmp_path, name="ckpt", **overrides) -> tuple[DecisionTransformerPolicy, Path]:
+    policy = make_policy(**overrides)
+    policy.save_pretrained(tmp_path / name)
+    return policy, tmp_path / name
+
+
+def _same_outputs(a: DecisionTransformerPolicy, b: DecisionTransformerPolicy) -> bool:
+    batch = make_batch()
+    with torch.no_grad():
+        return torch.equal(a(batch), b(batch))
+
+
+def test_load_policy_loads_checkpoints_plain_models_and_run_dirs(tmp_path):
+    policy, path = _saved(tmp_path, "run/model", n_layer=2)
+    assert load_policy(path).config == policy.config and _same_outputs(load_policy(path), policy)
+    assert load_policy(tmp_path / "run").config == policy.config  # a pretraining run's folder: its model/
+    assert eva_rl_evaluate.load_policy is load_policy  # the old home still works
+    policy.model.save_pretrained(tmp_path / "plain")  # transformers alone: no eva_rl.json
+    with pytest.raises(MissingMetadataError, match=r"without eva_rl.json.*`eva-rl import`.*metadata=PolicyMetadata"):
+        load_policy(tmp_path / "plain")
+    loaded = load_policy(tmp_path / "plain", metadata=make_metadata(), context_length=5)
+    assert loaded.metadata == make_metadata() and loaded.config.context_length == 5 and _same_outputs(loaded, policy)
+    (tmp_path / "finetuned" / "adapter").mkdir(parents=True)
+    (tmp_path / "finetuned" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"neither a checkpoint.*contains \['adapter'\]: pass one"):
+        load_policy(tmp_path / "finetuned")
+    with pytest.raises(FileNotFoundError, match="No policy at .*missing"):
+        load_policy(tmp_path / "missing")
+
+
+def test_one_table_maps_the_config_both_ways():
+    config = PolicyConfig.from_preset("tiny", state_dim=4, act_dim=2, activation="gelu_new", action_tanh=False)
+    hf = config.to_transformers()
+    assert hf.activation_function == "gelu_new" and hf.n_positions == 3 * config.context_length
+    assert PolicyConfig.from_transformers(hf, context_length=config.context_length) == config
+    other = dataclasses.replace(config, activation="relu")
+    assert config.mismatches(other) == ["activation (activation_function): 'gelu_new' vs 'relu'"]
+    with pytest.raises(ValueError, match=r"config vs model\): activation \(activation_function\): 'relu' vs 'gelu_new'"):
+        DecisionTransformerPolicy(other, make_metadata(state_mean=np.zeros(4), state_std=np.ones(4), tasks=(),
+                                                       target_returns={}, obs_dims=(), act_dims=()),
+                                  model=DecisionTransformerModel(hf))
+
+
+def _edit_json(file: Path, **changes) -> None:
+    data = json.loads(file.read_text())
+    for key, value in changes.items():
+        target = data
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    file.write_text(json.dumps(data))
+
+
+def _rewrite_weights(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_damaged_checkpoints_are_one_clear_error_naming_the_file(tmp_path):
+    _, path = _saved(tmp_path)
+    (path / "config.json").write_text('{"model_type": "decision_tr')
+    with pytest.raises(ValueError, match=r"config.json' is not valid JSON.*damaged"):
+        load_policy(path)
+
+    _, path = _saved(tmp_path, "truncated")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors' cannot be read .*truncated or damaged"):
+        load_policy(path)
+
+    _, path = _saved(tmp_path, "edited")  # config.json and eva_rl.json both say another width
+    _edit_json(path / "config.json", state_dim=8)
+    _edit_json(path / "eva_rl.json", **{"config.state_dim": 8})
+    with pytest.raises(ValueError, match=r"config.json in .*edited' no longer matches the weights: "
+                                         r"embed_state.weight: \(32, 6\) in the file, \(32, 8\) from config.json"):
+        load_policy(path)
+
+    _, path = _saved(tmp_path, "disagree")
+    _edit_json(path / "eva_rl.json", **{"config.hidden_size": 64})
+    with pytest.raises(ValueError, match=r"disagree.*hidden_size \(hidden_size\): 64 vs 32"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda state: state.pop("predict_action.0.weight"), r"missing predict_action.0.weight"),
+    (lambda state: state.update(extra=torch.zeros(2)), r"unexpected extra"),
+])
+def test_missing_or_unexpected_tensors_are_always_an_error(tmp_path, edit, message):
+    _, path = _saved(tmp_path)
+    _rewrite_weights(path, edit)
+    with pytest.raises(ValueError, match=message + r".*never fills missing layers"):
+        load_policy(path)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors but \['pytorch_model.bin'\].*never loads pickled"):
+        load_policy(path)
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(tmp_path, monkeypatch):
+    _, path = _saved(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"'cuda': CUDA is not available on this machine; use --device cpu"):
+        load_policy(path, device="cuda")
 
 
 # -- acting --------------------------------------------------------------------------------------

@@ -35,13 +35,12 @@ from transformers.pytorch_utils import Conv1D
 import peft
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
+from eva_rl.loading import ADAPTER_METADATA_FILE
 from eva_rl.storage import atomic_dir
 from eva_rl.train import count_parameters  # noqa: F401  (the package's one; methods.count_parameters stays a name)
 
 # Every attention and MLP matrix of a GPT-2 block; suffixes of module names, as PEFT matches them.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
-
-ADAPTER_METADATA_FILE = "eva_rl_adapter.json"
 
 
 @dataclass(frozen=True)
@@ -482,9 +481,11 @@ def adalora_ranks(policy_or_model: nn.Module) -> dict[str, int]:
 # --- saving -----------------------------------------------------------------------------------------
 
 def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the adapter so that `PeftModel.from_pretrained(base, directory)` loads it.
+    """Write the adapter so that `eva_rl.load_policy(directory)` loads it on its base, and
+    `PeftModel.from_pretrained(base, directory)` too.
 
-    `base` is the original pretrained model. pissa/olora are written as the equivalent plain
+    `base` is the original pretrained DecisionTransformerModel (a policy's `.model`, not the
+    policy: that refuses the adapter's keys). pissa/olora are written as the equivalent plain
     LoRA delta W' - W = [B, -B0] [A; A0] (rank 2r), as PEFT's weight conversion does. `fft`
     writes the whole policy (`save_pretrained`). `eva_rl_adapter.json` holds the method,
     ranks and parameter counts, plus `extra`. Atomic: a crash never leaves half a directory.

@@ -1,23 +1,19 @@
 """Collect behaviour data into Minari datasets: scripted experts (+ action noise), SB3 models, random.
 
-A dataset is written with `minari.create_dataset_from_buffers` (HDF5, no jax needed), into a
-temporary folder first and renamed into place, so an interrupted collection never leaves a
-half-written dataset where a complete one is expected. Collection is seeded: the env is built with
+A dataset is written with Minari's `MinariStorage` (HDF5, no jax needed) into a temporary folder
+next to its final one and swapped in by `storage.replace_dir`, so an interrupted or killed
+collection never leaves a half-written dataset, nor loses the one it replaces. Collection is seeded: the env is built with
 `seed`, the action noise and the random policy draw from generators seeded with `seed`, so the same
 call twice writes identical arrays.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import multiprocessing as mp
 import os
+import re
 import shutil
-import tempfile
 import time
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -26,12 +22,13 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from eva_rl.storage import replace_dir
+from eva_rl.storage import recover_dir, replace_dir, temp_dir_for
 from eva_rl.envs import expert_policy, make_env, task_spec
 from eva_rl.jobs import die_with_parent
 
 NAMESPACE = "eva-rl"
 SB3_ALGORITHMS = ("a2c", "ddpg", "dqn", "ppo", "sac", "td3")
+DEFAULT_NOISE = 0.1  # action-noise sigma of the expert and SB3 policies unless one is given
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,9 @@ class CollectConfig:
     """What to collect for each task."""
 
     policy: str = "expert"  # "expert" | "random" | "sb3:PATH" | "sb3:PATH:ALGO"
-    noise: float = 0.1  # std of Gaussian noise added to the policy's actions (then clipped); 0 = none
+    # std of Gaussian noise added to the policy's actions (then clipped); 0 = none;
+    # None = 0.1 for the expert and SB3 models, none for random (uniform actions need no noise)
+    noise: float | None = None
     episodes: int = 50  # episodes per task
     seed: int = 0  # seeds the env (goals, initial states), the noise and the random policy
     horizon: int | None = None  # steps per episode; None = the suite's horizon
@@ -50,7 +49,7 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}.")
-        if self.noise < 0 or not np.isfinite(self.noise):
+        if self.noise is not None and (self.noise < 0 or not np.isfinite(self.noise)):
             raise ValueError(f"noise must be a finite sigma >= 0, got {self.noise}.")
         if self.horizon is not None and self.horizon < 1:
             raise ValueError(f"horizon must be >= 1 step or None, got {self.horizon}.")
@@ -61,6 +60,13 @@ class CollectConfig:
             raise ValueError(
                 f"policy must be 'expert', 'random' or 'sb3:PATH[:ALGO]', got {self.policy!r}."
             )
+
+    @property
+    def action_noise(self) -> float:
+        """The noise sigma used: `noise`, or the policy's default when it is None."""
+        if self.noise is not None:
+            return float(self.noise)
+        return 0.0 if self.policy == "random" else DEFAULT_NOISE
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ def datasets_root(out: str | os.PathLike | None = None) -> Path:
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
+    recover_dir(path)  # a replacement a crash interrupted is settled first
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"Dataset {str(path)!r} already exists. Pass --overwrite to replace it, or use another --out."
@@ -111,20 +118,23 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def _sb3_algorithm(path: Path) -> str:
-    """The SB3 algorithm that saved `path`, read from its saved attributes.
+    """The SB3 algorithm that saved `path`, read with SB3's own loader.
 
-    Off-policy algorithms keep their policies in their own module (sac, td3, dqn; DDPG reuses
-    TD3's and loads as TD3 for prediction); PPO and A2C share ActorCriticPolicy, so they are told
-    apart by PPO's clipping range.
+    SB3 does not record the algorithm's name in a model file (`BaseAlgorithm.load` is called on
+    the class you already know), so it is inferred from the saved attributes: off-policy algorithms
+    keep their policies in their own module (sac, td3, dqn; DDPG reuses TD3's and loads as TD3 for
+    prediction); PPO and A2C share ActorCriticPolicy, so they are told apart by PPO's clipping range.
     """
+    from stable_baselines3.common.save_util import load_from_zip_file
+
     try:
-        with zipfile.ZipFile(path) as archive:
-            data = json.loads(archive.read("data"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        data, _, _ = load_from_zip_file(path, device="cpu", print_system_info=False)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise ValueError(
             f"{path} is not a Stable-Baselines3 model file ({exc}). Give the .zip written by model.save()."
         ) from None
-    module = data.get("policy_class", {}).get("__module__", "")
+    data = data or {}
+    module = getattr(data.get("policy_class"), "__module__", "")
     for name in ("sac", "td3", "dqn"):
         if f".{name}." in f".{module}.":
             return name
@@ -219,7 +229,7 @@ def collect_episodes(task: str, config: CollectConfig, env: gym.Env | None = Non
 
 
 def _roll_out(env: gym.Env, task: str, config: CollectConfig) -> list[dict[str, np.ndarray]]:
-    act = behaviour_policy(config.policy, task, env.action_space, config.noise, config.seed,
+    act = behaviour_policy(config.policy, task, env.action_space, config.action_noise, config.seed,
                            observation_space=env.observation_space)
     episodes = []
     for _ in range(config.episodes):
@@ -253,11 +263,14 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
                   ref_max_score: float | None = None) -> Path:
     """Write `episodes` as the Minari dataset `dataset_id` under `root`, atomically; returns its folder.
 
-    Minari writes under $MINARI_DATASETS_PATH, so we point it at a temporary folder inside `root`
-    (same filesystem) and rename the finished dataset into place.
+    The folder is `root/<dataset_id>` with Minari's layout (`data/metadata.json`,
+    `data/main_data.hdf5`). `minari.create_dataset_from_buffers` can only write under the
+    process-wide $MINARI_DATASETS_PATH, so the dataset is written with the storage class it uses
+    (`MinariStorage.new`, which takes a path), with the metadata fields it would write.
     """
-    from minari import create_dataset_from_buffers
+    import minari
     from minari.data_collector import EpisodeBuffer
+    from minari.dataset.minari_storage import MinariStorage
 
     final = root / dataset_id
     _refuse_existing(final, overwrite)
@@ -267,30 +280,22 @@ def write_dataset(episodes: Sequence[dict[str, np.ndarray]], dataset_id: str, ro
                       infos={"success": ep["success"]})
         for i, ep in enumerate(episodes)
     ]
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-    previous = os.environ.get("MINARI_DATASETS_PATH")
+    staging = temp_dir_for(final)
     try:
-        os.environ["MINARI_DATASETS_PATH"] = str(staging)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Minari warns for every optional field left empty
-            dataset = create_dataset_from_buffers(
-                dataset_id, buffers, observation_space=observation_space, action_space=action_space,
-                algorithm_name=metadata.get("eva_rl_policy"), author="eva-rl",
-                description=f"{metadata.get('eva_rl_task')}: {metadata.get('eva_rl_policy')} "
-                            f"(noise {metadata.get('eva_rl_noise')}), collected by eva-rl",
-            )
-        extra = dict(metadata)
+        storage = MinariStorage.new(staging / "data", observation_space=observation_space, action_space=action_space)
+        info = {
+            "dataset_id": dataset_id, "minari_version": minari.__version__, "author": {"eva-rl"},
+            "algorithm_name": str(metadata.get("eva_rl_policy")),
+            "description": f"{metadata.get('eva_rl_task')}: {metadata.get('eva_rl_policy')} "
+                           f"(noise {metadata.get('eva_rl_noise')}), collected by eva-rl",
+            **metadata,
+        }
         if ref_min_score is not None and ref_max_score is not None:
-            extra.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
-        dataset.storage.update_metadata(extra)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        replace_dir(staging / dataset_id, final)
+            info.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
+        storage.update_metadata(info)
+        storage.update_episodes(buffers)
+        replace_dir(staging, final)
     finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
@@ -299,7 +304,7 @@ def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
     """Collect `config.episodes` episodes of `task` and write them as one Minari dataset."""
     spec = task_spec(task)
     root = datasets_root(config.out)
-    name = dataset_id(task, config.policy, config.noise)
+    name = dataset_id(task, config.policy, config.action_noise)
     _refuse_existing(root / name, config.overwrite)
     env = make_env(task, config.seed, horizon=config.horizon)
     try:
@@ -312,7 +317,7 @@ def collect_task(task: str, config: CollectConfig) -> DatasetSummary:
     success = np.array([ep["success"].any() for ep in episodes])
     steps = int(sum(len(ep["rewards"]) for ep in episodes))
     metadata = {
-        "eva_rl_task": task, "eva_rl_policy": config.policy, "eva_rl_noise": float(config.noise),
+        "eva_rl_task": task, "eva_rl_policy": config.policy, "eva_rl_noise": config.action_noise,
         "eva_rl_seed": int(config.seed), "eva_rl_episodes": int(config.episodes),
         "eva_rl_horizon": int(config.horizon or spec.horizon),
         "eva_rl_mean_return": float(returns.mean()), "eva_rl_success_rate": float(success.mean()),
@@ -340,7 +345,7 @@ def collect_tasks(tasks: Sequence[str], config: CollectConfig, *, progress: bool
         task_spec(task)
     root = datasets_root(config.out)
     for task in tasks:
-        _refuse_existing(root / dataset_id(task, config.policy, config.noise), config.overwrite)
+        _refuse_existing(root / dataset_id(task, config.policy, config.action_noise), config.overwrite)
     return _collect_each(tasks, config, progress)
 
 

@@ -23,6 +23,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from eva_rl.storage import recover_dir
+
 _STD_FLOOR = 1e-6  # constant observation dims (and zero padding) would otherwise divide by 0
 _FIX_RECOLLECT = "Fix: delete the dataset and collect it again (`eva-rl collect`)."
 _REQUIRED_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
@@ -79,6 +81,7 @@ def _open_minari(source: Source, download: bool = False) -> Any:
     if isinstance(source, os.PathLike) or path.exists() or looks_like_path:
         return _open_minari_path(path)
     local = Path(minari.storage.get_dataset_path()) / str(source)
+    recover_dir(local)  # a replacement a crash interrupted is settled first
     if local.is_dir():  # an id of a local dataset: open its folder, so a damaged one says what is wrong
         return _open_minari_path(local)
     if download:
@@ -105,6 +108,7 @@ def _open_minari(source: Source, download: bool = False) -> Any:
 def _open_minari_path(path: Path) -> Any:
     import minari
 
+    recover_dir(path)  # a replacement a crash interrupted is settled first
     if not path.exists():
         raise FileNotFoundError(
             f"No dataset at {path}: the path does not exist. Fix: check the path, or collect the "
