@@ -300,6 +300,8 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="where to write the report (default: RUNS_DIR/report)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="steps to reach this share of a run's final success (default 0.9)")
 
 
 @command("report", _report_args)
@@ -307,7 +309,10 @@ def _report(args: argparse.Namespace) -> int:
     from eva_rl.report import write_report
 
     check_output(args.out or Path(args.runs_dir) / "report", "--out (the report's directory)", directory=True)
-    result = write_report(args.runs_dir, args.out, n_bootstrap=args.bootstrap, plots=not args.no_plots)
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}.")
+    fraction = {} if args.fraction is None else {"fraction": args.fraction}
+    result = write_report(args.runs_dir, args.out, n_bootstrap=args.bootstrap, plots=not args.no_plots, **fraction)
     print(result.markdown)
     print(f"Report written to {result.out_dir}")
     return 0

@@ -174,3 +174,17 @@ def test_evaluate_takes_its_target_returns_from_a_dataset(capsys, tmp_path: Path
     monkeypatch.setattr(evaluate, "load_policy", lambda *a, **kw: loaded.append(a) or pytest.fail("loaded the policy"))
     code, err = run_cli(capsys, "evaluate", tmp_path / "model", "--tasks", "reach-v3", "--target-return-from", directory)
     assert code == 2 and "holds none of the evaluated tasks" in one_line_error(err) and not loaded
+
+
+def test_report_fraction_is_checked_and_passed_on(capsys, tmp_path: Path, monkeypatch) -> None:
+    import eva_rl.report as report
+
+    code, err = run_cli(capsys, "report", tmp_path, "--fraction", "1.5")
+    assert code == 2 and "--fraction must be in (0, 1]" in one_line_error(err)
+    seen = {}
+
+    class Result:
+        markdown, out_dir = "table", tmp_path / "report"
+
+    monkeypatch.setattr(report, "write_report", lambda *a, **kw: seen.update(kw) or Result())
+    assert main(["report", str(tmp_path), "--fraction", "0.5"]) == 0 and seen["fraction"] == 0.5
