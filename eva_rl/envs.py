@@ -19,7 +19,7 @@ import functools
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -305,13 +305,19 @@ def make_env(task: str, seed: int, *, horizon: int | None = None, terminate_on_s
 
 
 def make_vector_env(tasks: Sequence[str], num_envs: int, seed: int, *, asynchronous: bool = False,
+                    autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
+                    first_env_kwargs: Mapping[str, Any] | None = None,
                     **make_env_kwargs: Any) -> gym.vector.VectorEnv:
     """`num_envs` envs in one Gymnasium vector env; env i runs `tasks[i % len(tasks)]`, seeded `seed + i`.
 
-    Autoreset is Gymnasium's NEXT_STEP mode: after an env's episode ends, the *next* `step` call
-    resets it and returns its first observation with reward 0 and no termination; callers must not
-    count that step (evaluate handles this explicitly). Tasks of different observation or action
-    sizes cannot share a vector env: make one per task.
+    asynchronous: one process per env (`AsyncVectorEnv`), else all in this process.
+    autoreset_mode: Gymnasium's; the default NEXT_STEP means that after an env's episode ends,
+    the *next* `step` call resets it and returns its first observation with reward 0 and no
+    termination, and callers must not count that step. Evaluation passes DISABLED and resets
+    ended envs itself (`reset(options={"reset_mask": ...})`), so no reset step exists at all.
+    first_env_kwargs: extra `make_env` kwargs for env 0 only (e.g. a render mode to record it);
+    the vector env is then synchronous, so that `vec.envs[0]` is that env.
+    Tasks of different observation or action sizes cannot share a vector env: make one per task.
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
@@ -328,8 +334,11 @@ def make_vector_env(tasks: Sequence[str], num_envs: int, seed: int, *, asynchron
     factories: list[Callable[[], gym.Env]] = [
         functools.partial(make_env, tasks[i % len(tasks)], seed + i, **make_env_kwargs) for i in range(num_envs)
     ]
+    if first_env_kwargs:
+        factories[0] = functools.partial(make_env, tasks[0], seed, **{**make_env_kwargs, **first_env_kwargs})
+        asynchronous = False
     vector_cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    return vector_cls(factories, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    return vector_cls(factories, autoreset_mode=autoreset_mode)
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,6 +37,8 @@ from transformers.pytorch_utils import Conv1D
 if TYPE_CHECKING:
     from eva_rl.policy import DecisionTransformerPolicy
 
+_MIN_ROWS = 4  # act computes at least this many rows (see `act`)
+
 
 class RolloutContext:
     """The last K steps of each of `num_envs` running episodes, right-aligned (slot K-1 = now).
@@ -171,12 +173,20 @@ def act(policy: DecisionTransformerPolicy, ctx: RolloutContext, obs: np.ndarray 
         raise ValueError("Observations contain NaN or inf.")
     ctx.states[ids, -1] = states
     ctx.mask[ids, -1] = True
+    rows, n_rows = ids, n
+    if n < _MIN_ROWS:
+        # BLAS (MKL / oneDNN) rounds a product of 1-3 rows differently from the same rows in a
+        # larger one. Acting on at least 4 rows (the last env repeated; its caches get the same
+        # values written twice) makes an env's action independent of which envs act beside it,
+        # so a pipelined evaluation acting for half the envs at a time equals the synchronous one.
+        listed = torch.arange(ctx.num_envs, device=ctx.device) if isinstance(ids, slice) else ids
+        rows, n_rows = torch.cat([listed, listed[-1:].expand(_MIN_ROWS - n)]), _MIN_ROWS
     was_training = policy.training
     if was_training:
         policy.eval()  # dropout off: acting is inference
     try:
         with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ctx.dtype == torch.bfloat16):
-            actions = _act_tokens(policy, ctx, ids, n)
+            actions = _act_tokens(policy, ctx, rows, n_rows)[:n]
     finally:
         if was_training:
             policy.train()

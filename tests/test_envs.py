@@ -156,6 +156,21 @@ def test_vector_env_seeds_each_env():
     vec.close()
 
 
+def test_vector_env_autoreset_mode_and_a_recorded_first_env():
+    import gymnasium as gym
+
+    vec = make_vector_env(["Pendulum-v1"], 3, seed=2, asynchronous=True, first_env_kwargs={"render_mode": "rgb_array"},
+                          autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    try:
+        assert isinstance(vec, gym.vector.SyncVectorEnv)  # env 0 must be reachable to record it
+        assert [env.render_mode for env in vec.envs] == ["rgb_array", None, None]
+        assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.DISABLED
+        obs, _ = vec.reset()
+        np.testing.assert_array_equal(obs[0], make_env("Pendulum-v1", 2).reset()[0])
+    finally:
+        vec.close()
+
+
 def test_expert_only_where_one_exists():
     with pytest.raises(ValueError, match="sb3:PATH"):
         expert_policy("Hopper-v5")

@@ -145,3 +145,19 @@ def test_incremental_act_matches_full_forward_with_peft_adapters(use_dora):
         history["actions"].append(action[0])
         history["rewards"].append(1.0)
         ctx.step(action, np.ones(1, np.float32))
+
+
+def test_an_envs_action_does_not_depend_on_the_envs_acting_beside_it():
+    """Bit for bit, whatever the subset that acts (1 to 5 of 6 envs), as the pipelined evaluation needs."""
+    policy = make_policy(n_layer=2)
+    rng = np.random.default_rng(3)
+    together, apart = policy.start_rollout(6, 5.0), policy.start_rollout(6, 5.0)
+    for t in range(7):
+        obs = rng.standard_normal((6, STATE_DIM)).astype(np.float32)
+        expected = policy.act(together, obs)
+        subsets = [[0], [1, 2], [3, 4, 5]] if t % 2 else [[0, 1, 2, 3, 4], [5]]
+        got = np.concatenate([policy.act(apart, obs[ids], ids) for ids in subsets])
+        np.testing.assert_array_equal(got, expected)
+        rewards = rng.standard_normal(6).astype(np.float32)
+        together.step(expected, rewards)
+        apart.step(got, rewards)
