@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from eva_rl.storage import atomic_path, write_text_atomic
-from eva_rl.envs import expert_policy, make_vector_env, resolve_tasks, task_spec
+from eva_rl.envs import SubprocessVectorEnv, expert_policy, make_vector_env, resolve_tasks, task_spec
 from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata
 
 REFERENCE_KINDS = ("expert", "random")
@@ -120,7 +120,8 @@ class EvalResult:
     env_steps: int = 0  # steps taken in all envs (episodes' steps only)
     seconds: float = 0.0  # wall-clock time of the rollouts (acting and stepping, not building the envs)
     build_seconds: float = 0.0  # wall-clock time spent building and closing the envs
-    cpu_seconds: float = 0.0  # CPU time of this process during the rollouts (not async env workers)
+    cpu_seconds: float = 0.0  # CPU time of this process during the rollouts
+    worker_cpu_seconds: float = 0.0  # CPU time of the env worker processes during the rollouts (asynchronous)
 
     @property
     def success_rate(self) -> float:
@@ -133,6 +134,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "suite": self.suite, "tasks": self.tasks, "env_steps": self.env_steps,
                 "seconds": self.seconds, "build_seconds": self.build_seconds, "cpu_seconds": self.cpu_seconds,
+                "worker_cpu_seconds": self.worker_cpu_seconds,
                 "episodes": [r.to_dict() for r in self.episodes]}
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -147,7 +149,8 @@ class EvalResult:
         return cls(episodes=[EpisodeRecord.from_dict(r) for r in data["episodes"]], tasks=data["tasks"],
                    suite=data["suite"], settings=data.get("settings", {}), env_steps=int(data.get("env_steps", 0)),
                    seconds=float(data.get("seconds", 0.0)), build_seconds=float(data.get("build_seconds", 0.0)),
-                   cpu_seconds=float(data.get("cpu_seconds", 0.0)))
+                   cpu_seconds=float(data.get("cpu_seconds", 0.0)),
+                   worker_cpu_seconds=float(data.get("worker_cpu_seconds", 0.0)))
 
     def describe(self) -> str:
         """A plain-text table: one row per task, then the suite."""
@@ -347,11 +350,11 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
 
         bar = tqdm(total=episodes * len(tasks), desc="evaluate", unit="episode")
     records: list[EpisodeRecord] = []
-    env_steps, rollout_seconds, cpu_seconds = 0, 0.0, 0.0
+    env_steps, rollout_seconds, cpu_seconds, worker_cpu_seconds = 0, 0.0, 0.0, 0.0
     start = time.perf_counter()
     try:
         for task in tasks:
-            task_records, steps, seconds, cpu = _rollout_task(
+            task_records, steps, seconds, cpu, worker_cpu = _rollout_task(
                 agent, task, episodes, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
                 video_path=Path(video_dir) / f"{task}.mp4" if video_dir is not None else None,
                 video_every=video_every, check_spaces=check_spaces, bar=bar)
@@ -359,6 +362,7 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
             env_steps += steps
             rollout_seconds += seconds
             cpu_seconds += cpu
+            worker_cpu_seconds += worker_cpu
     finally:
         if bar is not None:
             bar.close()
@@ -368,14 +372,14 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
                 "horizon": horizon, "asynchronous": asynchronous}
     return EvalResult(episodes=records, tasks=per_task, suite=suite, settings=settings, env_steps=env_steps,
                       seconds=rollout_seconds, build_seconds=total_seconds - rollout_seconds,
-                      cpu_seconds=cpu_seconds)
+                      cpu_seconds=cpu_seconds, worker_cpu_seconds=worker_cpu_seconds)
 
 
 class _EnvGroup:
     """A vector env over the task's envs `offset .. offset + num_envs - 1`, with the observations
     its envs show now. `send` steps it; `receive` returns that step's results. Synchronous, the
-    step happens in `send`; asynchronous (`AsyncVectorEnv`), the envs step in their processes
-    between the two calls, while this process acts for the other group."""
+    step happens in `send`; asynchronous (`SubprocessVectorEnv`), the envs step in their worker
+    process between the two calls, while this process acts for the other group."""
 
     def __init__(self, envs: Any, offset: int) -> None:
         self.envs = envs
@@ -389,24 +393,24 @@ class _EnvGroup:
 
     def send(self, actions: np.ndarray, ids: np.ndarray) -> None:
         self.sent_ids, self.sent_actions, self.pending = ids, actions, True
-        if hasattr(self.envs, "step_async"):
+        if isinstance(self.envs, SubprocessVectorEnv):
             self.envs.step_async(actions)
         else:
             self._result = self.envs.step(actions)
 
     def receive(self) -> tuple:
         self.pending = False
-        result = self.envs.step_wait() if hasattr(self.envs, "step_async") else self._result
+        result = self.envs.step_wait() if isinstance(self.envs, SubprocessVectorEnv) else self._result
         self._result = None
         return result
 
 
 def _env_groups(task: str, seed: int, n_envs: int, *, horizon: int | None, asynchronous: bool,
                 render: bool) -> list[_EnvGroup]:
-    """One synchronous group of all `n_envs` envs; asynchronous (and not recording), two groups
-    of envs in their own processes (env i still seeded seed + i), pipelined: while one group's
-    envs step, this process computes the other group's actions (two cores: the policy on one,
-    the simulators on the other). Recording needs env 0 in this process, hence synchronous."""
+    """One synchronous group of all `n_envs` envs; asynchronous (and not recording), two groups,
+    each stepped in one worker process (env i still seeded seed + i), pipelined: while one
+    group's envs step, this process computes the other group's actions (two cores: the policy
+    on one, the simulators on the other). Recording needs env 0 in this process."""
     kwargs: dict[str, Any] = dict(horizon=horizon, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     if render:
         first = {"render_mode": "rgb_array", **_render_size(task)}
@@ -417,7 +421,7 @@ def _env_groups(task: str, seed: int, n_envs: int, *, horizon: int | None, async
     groups = []
     try:
         for offset, size in ((0, half), (half, n_envs - half)):
-            groups.append(_EnvGroup(make_vector_env([task], size, seed + offset, asynchronous=True, **kwargs), offset))
+            groups.append(_EnvGroup(SubprocessVectorEnv([task], size, seed + offset, **kwargs), offset))
     except BaseException:
         for group in groups:
             group.envs.close()
@@ -469,9 +473,9 @@ class _Tally:
 def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: int, *, horizon: int | None,
                   asynchronous: bool, video_path: Path | None, video_every: int,
                   check_spaces: Callable[..., None] | None,
-                  bar: Any) -> tuple[list[EpisodeRecord], int, float, float]:
+                  bar: Any) -> tuple[list[EpisodeRecord], int, float, float, float]:
     """All `episodes` episodes of one task: their records (env-major order), the steps taken, and
-    the wall-clock and CPU seconds spent rolling out (from the first reset to the last step)."""
+    the wall-clock, CPU and env-worker CPU seconds spent rolling out (first reset to last step)."""
     if video_path is not None:
         _select_gl_backend()
     groups = _env_groups(task, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
@@ -483,7 +487,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
             check_spaces(task, obs_space, act_space)
         agent.start(task, n_envs, act_space)
         tally = _Tally(episodes, n_envs)
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start, start_cpu, start_workers = time.perf_counter(), time.process_time(), _worker_cpu_seconds(groups)
         for group in groups:
             group.obs, _ = group.envs.reset()
         video = _Video(video_path, envs.envs[0], task, video_every) if video_path is not None else None
@@ -497,10 +501,15 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
             if not any(group.pending for group in groups):
                 break
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        worker_cpu_seconds = _worker_cpu_seconds(groups) - start_workers
     finally:
         for group in groups:
             group.envs.close()
-    return tally.records(task, seed), tally.env_steps, seconds, cpu_seconds
+    return tally.records(task, seed), tally.env_steps, seconds, cpu_seconds, worker_cpu_seconds
+
+
+def _worker_cpu_seconds(groups: Sequence[_EnvGroup]) -> float:
+    return sum(group.envs.cpu_seconds() for group in groups if isinstance(group.envs, SubprocessVectorEnv))
 
 
 def _act(group: _EnvGroup, agent: _Agent, tally: _Tally, act_space: Any) -> None:

@@ -115,6 +115,7 @@ def test_pipelined_asynchronous_evaluation_equals_the_synchronous_one():
     assert [r.to_dict() for r in pipelined.episodes] == [r.to_dict() for r in sync.episodes]
     assert pipelined.env_steps == sync.env_steps == 7 * 9
     assert pipelined.settings["asynchronous"] and not sync.settings["asynchronous"]
+    assert pipelined.worker_cpu_seconds > 0 and sync.worker_cpu_seconds == 0
 
 
 def test_reference_agents_use_the_same_protocol():
