@@ -124,6 +124,43 @@ def cpu_description() -> str:
             f"torch cpu capability {torch.backends.cpu.get_cpu_capability()}")
 
 
+def measure_rounds(policy: DecisionTransformerPolicy, args: argparse.Namespace,
+                   target: float) -> dict[str, tuple[float, float]]:
+    """Run every measurement `args.rounds` times, alternating; the best (wall, cpu) steps/s of each."""
+    n = args.num_envs
+    labels = {"sequential": "sequential, 1 env, full forward per step, fp32", "evaluate": f"evaluate, {n} envs, fp32",
+              "pipelined": f"evaluate, {n} envs, fp32, asynchronous (pipelined)",
+              "bound": "  asynchronous, bound with two free cores", "expert": f"scripted expert alone, {n} envs"}
+    best: dict[str, tuple[float, float]] = {}
+
+    def keep(name: str, wall: float, cpu_rate: float, note: str = "") -> None:
+        print(f"{labels[name]:52s} {wall:8.1f} {cpu_rate:8.1f}  {note}")
+        old = best.get(name, (0.0, 0.0))
+        best[name] = (max(old[0], wall), max(old[1], cpu_rate))
+
+    def rates(result) -> tuple[float, float]:
+        return result.env_steps / result.seconds, result.env_steps / result.cpu_seconds
+
+    for _ in range(args.rounds):
+        wall, cpu_rate, steps = sequential_steps_per_second(policy, args.task, args.horizon,
+                                                            args.sequential_episodes, target)
+        keep("sequential", wall, cpu_rate, f"({steps} steps)")
+        result = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
+        keep("evaluate", *rates(result),
+             f"({result.env_steps} steps; {result.build_seconds:.0f} s building envs, not counted)")
+        piped = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon, asynchronous=True)
+        if [r.to_dict() for r in piped.episodes] != [r.to_dict() for r in result.episodes]:
+            raise SystemExit("the pipelined evaluation's episodes differ from the synchronous ones")
+        main_cpu, workers_cpu = piped.cpu_seconds, piped.worker_cpu_seconds
+        keep("pipelined", piped.env_steps / piped.seconds, piped.env_steps / (main_cpu + workers_cpu),
+             f"(cpu: this process {main_cpu:.1f} s + env workers {workers_cpu:.1f} s)")
+        # the pipeline's rate when this process and the stepping worker each have a core of their own
+        keep("bound", 0.0, piped.env_steps / max(main_cpu, workers_cpu), "(steps / max(this process, workers) cpu)")
+        reference = evaluate_reference("expert", args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
+        keep("expert", *rates(reference))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="reach-v3")
@@ -151,44 +188,16 @@ def main() -> None:
     print(f"task {args.task}, horizon {args.horizon}, policy small ({params} params, K={policy.config.context_length})")
     print(f"{'':52s} {'wall':>8s} {'cpu':>8s}  steps/s")
 
-    def rates(result) -> tuple[float, float]:
-        return result.env_steps / result.seconds, result.env_steps / result.cpu_seconds
-
-    best: dict[str, tuple[float, float]] = {}
-
-    def keep(name: str, wall: float, cpu_rate: float, note: str = "") -> None:
-        print(f"{name:52s} {wall:8.1f} {cpu_rate:8.1f}  {note}")
-        old = best.get(name, (0.0, 0.0))
-        best[name] = (max(old[0], wall), max(old[1], cpu_rate))
-
-    seq, ours, pipe, expert = ("sequential, 1 env, full forward per step, fp32", f"evaluate, {n} envs, fp32",
-                               f"evaluate, {n} envs, fp32, asynchronous (pipelined)",
-                               f"scripted expert alone, {n} envs")
-    bound = "  asynchronous, bound with two free cores"
-    for _ in range(args.rounds):
-        wall, cpu_rate, steps = sequential_steps_per_second(policy, args.task, args.horizon,
-                                                            args.sequential_episodes, target)
-        keep(seq, wall, cpu_rate, f"({steps} steps)")
-        result = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
-        keep(ours, *rates(result), f"({result.env_steps} steps; {result.build_seconds:.0f} s building envs, not counted)")
-        piped = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon, asynchronous=True)
-        if [r.to_dict() for r in piped.episodes] != [r.to_dict() for r in result.episodes]:
-            raise SystemExit("the pipelined evaluation's episodes differ from the synchronous ones")
-        main_cpu, workers_cpu = piped.cpu_seconds, piped.worker_cpu_seconds
-        keep(pipe, piped.env_steps / piped.seconds, piped.env_steps / (main_cpu + workers_cpu),
-             f"(cpu: this process {main_cpu:.1f} s + env workers {workers_cpu:.1f} s)")
-        # the pipeline's rate when this process and the stepping worker each have a core of their own
-        keep(bound, 0.0, piped.env_steps / max(main_cpu, workers_cpu), "(steps / max(this process, workers) cpu)")
-        reference = evaluate_reference("expert", args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
-        keep(expert, *rates(reference))
+    best = measure_rounds(policy, args, target)
 
     bf16_rate = None
     if args.bf16_horizon:
         bf16 = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.bf16_horizon, bf16=True)
-        bf16_wall, bf16_rate = rates(bf16)
+        bf16_wall, bf16_rate = bf16.env_steps / bf16.seconds, bf16.env_steps / bf16.cpu_seconds
         print(f"{f'evaluate, {n} envs, bf16':52s} {bf16_wall:8.1f} {bf16_rate:8.1f}  (horizon {args.bf16_horizon})")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
+    seq, ours, pipe, bound, expert = "sequential", "evaluate", "pipelined", "bound", "expert"
     print(json.dumps({
         "bench": "eval_throughput", "value": round(best[ours][1], 1), "unit": "steps/s",
         "reference": round(best[seq][1], 1), "ratio": round(best[ours][1] / best[seq][1], 2), "target": 3,
