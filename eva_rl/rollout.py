@@ -75,14 +75,15 @@ class RolloutContext:
         self.qkv0 = zeros(n, k, 3, 3 * hidden_size, dtype=dtype)  # block 0's c_attn(ln_1(token))
 
     def _rows(self, env_ids: Sequence[int] | np.ndarray | None) -> tuple[torch.Tensor | slice, int]:
-        """An index of the rows of `env_ids` and their count; all envs index as a slice (views, no copies)."""
+        """An index of the rows of `env_ids` and their count. A run of consecutive envs (all of
+        them, or one group of a pipelined evaluation) indexes as a slice: views, no copies."""
         if env_ids is None:
-            return slice(None), self.num_envs
+            return slice(0, self.num_envs), self.num_envs
         ids = np.asarray(env_ids, dtype=np.int64).reshape(-1)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.num_envs):
             raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {ids.tolist()}.")
-        if ids.size == self.num_envs and np.array_equal(ids, np.arange(self.num_envs)):
-            return slice(None), self.num_envs
+        if ids.size and np.array_equal(ids, np.arange(ids[0], ids[0] + ids.size)):
+            return slice(int(ids[0]), int(ids[0]) + ids.size), int(ids.size)
         return torch.as_tensor(ids, device=self.device), int(ids.size)
 
     def reset(self, env_ids: Sequence[int] | np.ndarray | None = None,
@@ -184,7 +185,7 @@ def act(policy: DecisionTransformerPolicy, ctx: RolloutContext, obs: np.ndarray 
         # larger one. Acting on at least 4 rows (the last env repeated; its caches get the same
         # values written twice) makes an env's action independent of which envs act beside it,
         # so a pipelined evaluation acting for half the envs at a time equals the synchronous one.
-        listed = torch.arange(ctx.num_envs, device=ctx.device) if isinstance(ids, slice) else ids
+        listed = torch.arange(ids.start, ids.stop, device=ctx.device) if isinstance(ids, slice) else ids
         rows, n_rows = torch.cat([listed, listed[-1:].expand(_MIN_ROWS - n)]), _MIN_ROWS
     was_training = policy.training
     if was_training:
@@ -217,7 +218,7 @@ def _embed(policy: DecisionTransformerPolicy, ctx: RolloutContext, ids: torch.Te
     block = gpt.h[0]
     qkv = block.attn.c_attn(block.ln_1(tokens))
     kinds_t = torch.as_tensor(list(kinds), device=ctx.device)
-    index = (slice(None), slot, kinds_t) if isinstance(ids, slice) else (ids[:, None], slot, kinds_t[None, :])
+    index = (ids, slot, kinds_t) if isinstance(ids, slice) else (ids[:, None], slot, kinds_t[None, :])
     ctx.tokens[index] = tokens.float()
     ctx.qkv0[index] = qkv.to(ctx.dtype)
 
