@@ -170,7 +170,8 @@ def normalize_observations(policy: DecisionTransformerPolicy, obs: np.ndarray | 
 def act(policy: DecisionTransformerPolicy, ctx: RolloutContext, obs: np.ndarray | torch.Tensor,
         env_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Actions (n, act_dim) float32 for raw observations `obs` (n, obs_dim) of `env_ids` (all
-    envs when None), each conditioned on its own last K steps in `ctx`. One pass for all envs."""
+    envs when None), each conditioned on its own last K steps in `ctx`. One pass for all envs;
+    an env's action is the same, bit for bit, whichever other envs act in the same call."""
     ids, n = ctx._rows(env_ids)
     states = normalize_observations(policy, obs)
     if states.shape[0] != n:
@@ -179,6 +180,8 @@ def act(policy: DecisionTransformerPolicy, ctx: RolloutContext, obs: np.ndarray 
         raise ValueError("Observations contain NaN or inf.")
     ctx.states[ids, -1] = states
     ctx.mask[ids, -1] = True
+    if n == 0:
+        return np.zeros((0, policy.config.act_dim), dtype=np.float32)
     rows, n_rows = ids, n
     if n < _MIN_ROWS:
         # BLAS (MKL / oneDNN) rounds a product of 1-3 rows differently from the same rows in a

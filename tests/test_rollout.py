@@ -161,3 +161,4 @@ def test_an_envs_action_does_not_depend_on_the_envs_acting_beside_it():
         rewards = rng.standard_normal(6).astype(np.float32)
         together.step(expected, rewards)
         apart.step(got, rewards)
+    assert policy.act(apart, np.zeros((0, STATE_DIM), np.float32), []).shape == (0, ACT_DIM)
