@@ -301,7 +301,7 @@ def _keep_freed_memory() -> None:
     returns the freed top of the heap to the OS (and serves blocks over a dynamic threshold with
     fresh mappings), so every step page-faults the same memory back in: about a third of act's
     time with the `small` policy and 16 envs. Fixed thresholds (blocks up to 32 MB come from the
-    heap; up to 256 MB of free heap is kept) remove that. It is process-wide and changes no
+    heap; up to 64 MB of free heap is kept) remove that. It is process-wide and changes no
     result; elsewhere than glibc it does nothing.
     """
     if not sys.platform.startswith("linux"):
@@ -313,7 +313,7 @@ def _keep_freed_memory() -> None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value on 64-bit
-    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
 
 
 def cpu_has_native_bf16() -> bool:
