@@ -10,15 +10,27 @@ not depend on them):
   only the last state token's path through the last block);
 - reference: the sequential loop people write from the transformers example: one env, and
   at every step one full-context `DecisionTransformerModel` forward on the last K steps;
-- also: the same evaluation with bf16 inference (autocast; fast only on GPUs and on CPUs with
-  AVX512-BF16/AMX, emulated and slow elsewhere: the script prints the CPU capability), and the
-  scripted expert stepping the same envs alone (the simulator's own limit; ratio_to_expert <= 1).
+- the same evaluation with `asynchronous=True`: the envs step in worker processes in two
+  groups, pipelined with acting (one group steps while the other's actions are computed); its
+  episodes must equal the synchronous ones (checked here); its CPU rate counts this process
+  and the env workers, and its two-core bound, steps / max(this process's CPU seconds, the
+  workers'), is the rate it reaches where both have a core of their own (on a loaded machine
+  its wall clock cannot show that);
+- the scripted expert stepping the same envs alone, synchronously (the simulator's own rate
+  in one process): `ratio_to_expert` = evaluate's rate / the expert's (CPU time, like for
+  like), `wall_async_ratio_to_expert` = the pipelined evaluation's wall-clock rate / the
+  expert's, `async_two_core_bound_ratio_to_expert` = its two-core bound / the expert's CPU
+  rate, all from the same run;
+- the same evaluation with bf16 inference (autocast; fast only on GPUs and on CPUs with
+  AVX512-BF16/AMX, emulated and slow elsewhere).
 
-Env construction is not timed (Meta-World builds 50 task variants per env, about 2 s each).
-The sequential and batched runs alternate `--rounds` times and the best rate of each counts.
-Rates are given by wall clock and by this process's CPU time; the JSON's value/reference/ratio
-use CPU time, because on a shared machine the wall clock mostly measures the neighbours' load
-(everything runs in this one process on one torch thread, so on an idle machine the two agree).
+The script prints the CPU model, its AVX2/AVX-512/BF16/AMX flags and the load average (the
+machines differ, and a shared machine's load moves wall-clock figures). Env construction is not
+timed (Meta-World builds 50 task variants per env, about 2 s each). The runs alternate
+`--rounds` times and the best rate of each counts. Rates are given by wall clock and by this
+process's CPU time; the JSON's value/reference/ratio use CPU time, because on a shared machine
+the wall clock mostly measures the neighbours' load (the synchronous runs use this one process
+on one torch thread, so on an idle machine the two agree).
 Ends with one JSON line: {"bench": "eval_throughput", "value", "unit", "reference", "ratio", "target", ...}.
 """
 
@@ -40,6 +52,7 @@ warnings.filterwarnings("ignore")
 from eva_rl.envs import make_env  # noqa: E402
 from eva_rl.evaluate import evaluate, evaluate_reference  # noqa: E402
 from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata  # noqa: E402
+from eva_rl.distributed import cpu_supports_bf16  # noqa: E402
 
 
 def build_policy(task: str, obs_dim: int, act_dim: int, target: float) -> DecisionTransformerPolicy:
@@ -93,6 +106,61 @@ def sequential_steps_per_second(policy: DecisionTransformerPolicy, task: str, ho
     return steps / seconds, steps / cpu_seconds, steps
 
 
+def cpu_description() -> str:
+    """The CPU model and the instruction sets that decide the policy's matmul speed."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    present = ", ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+    return (f"{model}; {os.cpu_count()} cpus; flags: {present}; native bf16 matmul: {cpu_supports_bf16()}; "
+            f"torch cpu capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def measure_rounds(policy: DecisionTransformerPolicy, args: argparse.Namespace,
+                   target: float) -> dict[str, tuple[float, float]]:
+    """Run every measurement `args.rounds` times, alternating; the best (wall, cpu) steps/s of each."""
+    n = args.num_envs
+    labels = {"sequential": "sequential, 1 env, full forward per step, fp32", "evaluate": f"evaluate, {n} envs, fp32",
+              "pipelined": f"evaluate, {n} envs, fp32, asynchronous (pipelined)",
+              "bound": "  asynchronous, bound with two free cores", "expert": f"scripted expert alone, {n} envs"}
+    best: dict[str, tuple[float, float]] = {}
+
+    def keep(name: str, wall: float, cpu_rate: float, note: str = "") -> None:
+        print(f"{labels[name]:52s} {wall:8.1f} {cpu_rate:8.1f}  {note}")
+        old = best.get(name, (0.0, 0.0))
+        best[name] = (max(old[0], wall), max(old[1], cpu_rate))
+
+    def rates(result) -> tuple[float, float]:
+        return result.env_steps / result.seconds, result.env_steps / result.cpu_seconds
+
+    for _ in range(args.rounds):
+        wall, cpu_rate, steps = sequential_steps_per_second(policy, args.task, args.horizon,
+                                                            args.sequential_episodes, target)
+        keep("sequential", wall, cpu_rate, f"({steps} steps)")
+        result = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
+        keep("evaluate", *rates(result),
+             f"({result.env_steps} steps; {result.build_seconds:.0f} s building envs, not counted)")
+        piped = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon, asynchronous=True)
+        if [r.to_dict() for r in piped.episodes] != [r.to_dict() for r in result.episodes]:
+            raise SystemExit("the pipelined evaluation's episodes differ from the synchronous ones")
+        main_cpu, workers_cpu = piped.cpu_seconds, piped.worker_cpu_seconds
+        keep("pipelined", piped.env_steps / piped.seconds, piped.env_steps / (main_cpu + workers_cpu),
+             f"(cpu: this process {main_cpu:.1f} s + env workers {workers_cpu:.1f} s)")
+        # the pipeline's rate when this process and the stepping worker each have a core of their own
+        keep("bound", 0.0, piped.env_steps / max(main_cpu, workers_cpu), "(steps / max(this process, workers) cpu)")
+        reference = evaluate_reference("expert", args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
+        keep("expert", *rates(reference))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="reach-v3")
@@ -103,7 +171,7 @@ def main() -> None:
                         help="shorter episodes for the bf16 run (slow where the CPU emulates bf16); 0 skips it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a shared 2-core machine)")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="sequential and batched runs alternate this many times; the best of each counts")
+                        help="the runs alternate this many times; the best rate of each counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -113,47 +181,37 @@ def main() -> None:
     target = 1000.0
     policy = build_policy(args.task, obs_dim, act_dim, target)
     n = args.num_envs
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    cpu = cpu_description()
+    print(f"cpu: {cpu}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     params = sum(p.numel() for p in policy.parameters())
     print(f"task {args.task}, horizon {args.horizon}, policy small ({params} params, K={policy.config.context_length})")
+    print(f"{'':52s} {'wall':>8s} {'cpu':>8s}  steps/s")
 
-    print(f"{'':48s} {'wall':>8s} {'cpu':>8s}  steps/s")
-
-    def rates(result) -> tuple[float, float]:
-        return result.env_steps / result.seconds, result.env_steps / result.cpu_seconds
-
-    seq_wall = seq = ours_wall = ours_rate = 0.0
-    for _ in range(args.rounds):
-        wall, cpu, steps = sequential_steps_per_second(policy, args.task, args.horizon, args.sequential_episodes,
-                                                       target)
-        print(f"{'sequential, 1 env, full forward per step, fp32':48s} {wall:8.1f} {cpu:8.1f}  ({steps} steps)")
-        seq_wall, seq = max(seq_wall, wall), max(seq, cpu)
-        ours = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
-        wall, cpu = rates(ours)
-        print(f"{f'evaluate, {n} envs, incremental act, fp32':48s} {wall:8.1f} {cpu:8.1f}  "
-              f"({ours.env_steps} steps; {ours.build_seconds:.0f} s building envs, not counted)")
-        ours_wall, ours_rate = max(ours_wall, wall), max(ours_rate, cpu)
-
-    expert = evaluate_reference("expert", args.task, episodes=n, seed=0, num_envs=n, horizon=args.horizon)
-    expert_wall, expert_rate = rates(expert)
-    print(f"{f'scripted expert alone, {n} envs':48s} {expert_wall:8.1f} {expert_rate:8.1f}")
+    best = measure_rounds(policy, args, target)
 
     bf16_rate = None
     if args.bf16_horizon:
         bf16 = evaluate(policy, args.task, episodes=n, seed=0, num_envs=n, horizon=args.bf16_horizon, bf16=True)
-        bf16_wall, bf16_rate = rates(bf16)
-        print(f"{f'evaluate, {n} envs, incremental act, bf16':48s} {bf16_wall:8.1f} {bf16_rate:8.1f}  "
-              f"(horizon {args.bf16_horizon})")
+        bf16_wall, bf16_rate = bf16.env_steps / bf16.seconds, bf16.env_steps / bf16.cpu_seconds
+        print(f"{f'evaluate, {n} envs, bf16':52s} {bf16_wall:8.1f} {bf16_rate:8.1f}  (horizon {args.bf16_horizon})")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
+    seq, ours, pipe, bound, expert = "sequential", "evaluate", "pipelined", "bound", "expert"
     print(json.dumps({
-        "bench": "eval_throughput", "value": round(ours_rate, 1), "unit": "steps/s", "reference": round(seq, 1),
-        "ratio": round(ours_rate / seq, 2), "target": 3, "clock": "process cpu time",
-        "wall_value": round(ours_wall, 1), "wall_reference": round(seq_wall, 1),
-        "wall_ratio": round(ours_wall / seq_wall, 2),
+        "bench": "eval_throughput", "value": round(best[ours][1], 1), "unit": "steps/s",
+        "reference": round(best[seq][1], 1), "ratio": round(best[ours][1] / best[seq][1], 2), "target": 3,
+        "clock": "process cpu time",
+        "wall_value": round(best[ours][0], 1), "wall_reference": round(best[seq][0], 1),
+        "wall_ratio": round(best[ours][0] / best[seq][0], 2),
+        "expert": round(best[expert][1], 1), "ratio_to_expert": round(best[ours][1] / best[expert][1], 3),
+        "ratio_to_expert_target": 0.5,
+        "wall_expert": round(best[expert][0], 1), "wall_ratio_to_expert": round(best[ours][0] / best[expert][0], 3),
+        "wall_async": round(best[pipe][0], 1), "wall_async_ratio_to_expert": round(best[pipe][0] / best[expert][0], 3),
+        "async_two_core_bound": round(best[bound][1], 1),
+        "async_two_core_bound_ratio_to_expert": round(best[bound][1] / best[expert][1], 3),
         "bf16": None if bf16_rate is None else round(bf16_rate, 1),
-        "expert": round(expert_rate, 1), "ratio_to_expert": round(ours_rate / expert_rate, 3),
-        "task": args.task, "horizon": args.horizon, "num_envs": n, "threads": torch.get_num_threads(),
+        "cpu": cpu, "task": args.task, "horizon": args.horizon, "num_envs": n, "threads": torch.get_num_threads(),
         "rounds": args.rounds,
     }))
 

@@ -185,7 +185,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", default=None, metavar="DIR", help="key video_dir: record each task's first episode as DIR/<task>.mp4")
     parser.add_argument("--video-every", type=int, metavar="N", help="keep every N-th frame of the video")
     parser.add_argument("--bf16", action="store_true", default=None, help="bfloat16 inference")
-    parser.add_argument("--async", dest="asynchronous", action="store_true", default=None, help="one process per env")
+    parser.add_argument("--async", dest="asynchronous", action="store_true", default=None, help="step the envs in worker processes while the policy acts (same episodes)")
     parser.add_argument("--base", default=None, metavar="DIR",
                         help="pretrained checkpoint an adapter MODEL_DIR applies to (default: the one it recorded)")
     parser.add_argument("--device", default=None, help="torch device of the policy (default cpu)")

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import difflib
 import functools
+import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -305,13 +306,19 @@ def make_env(task: str, seed: int, *, horizon: int | None = None, terminate_on_s
 
 
 def make_vector_env(tasks: Sequence[str], num_envs: int, seed: int, *, asynchronous: bool = False,
+                    autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
+                    first_env_kwargs: Mapping[str, Any] | None = None,
                     **make_env_kwargs: Any) -> gym.vector.VectorEnv:
     """`num_envs` envs in one Gymnasium vector env; env i runs `tasks[i % len(tasks)]`, seeded `seed + i`.
 
-    Autoreset is Gymnasium's NEXT_STEP mode: after an env's episode ends, the *next* `step` call
-    resets it and returns its first observation with reward 0 and no termination; callers must not
-    count that step (evaluate handles this explicitly). Tasks of different observation or action
-    sizes cannot share a vector env: make one per task.
+    asynchronous: one process per env (`AsyncVectorEnv`), else all in this process.
+    autoreset_mode: Gymnasium's; the default NEXT_STEP means that after an env's episode ends,
+    the *next* `step` call resets it and returns its first observation with reward 0 and no
+    termination, and callers must not count that step. Evaluation passes DISABLED and resets
+    ended envs itself (`reset(options={"reset_mask": ...})`), so no reset step exists at all.
+    first_env_kwargs: extra `make_env` kwargs for env 0 only (e.g. a render mode to record it);
+    the vector env is then synchronous, so that `vec.envs[0]` is that env.
+    Tasks of different observation or action sizes cannot share a vector env: make one per task.
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
@@ -328,8 +335,116 @@ def make_vector_env(tasks: Sequence[str], num_envs: int, seed: int, *, asynchron
     factories: list[Callable[[], gym.Env]] = [
         functools.partial(make_env, tasks[i % len(tasks)], seed + i, **make_env_kwargs) for i in range(num_envs)
     ]
+    if first_env_kwargs:
+        factories[0] = functools.partial(make_env, tasks[0], seed, **{**make_env_kwargs, **first_env_kwargs})
+        asynchronous = False
     vector_cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    return vector_cls(factories, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    return vector_cls(factories, autoreset_mode=autoreset_mode)
+
+
+class SubprocessVectorEnv:
+    """A synchronous vector env (`make_vector_env(..., asynchronous=False)`) living in one worker
+    process: `step_async` sends actions and returns at once, `step_wait` collects the results,
+    so the caller computes while the envs step.
+
+    Written here because Gymnasium's `AsyncVectorEnv` runs one process per env: with 16 envs on a
+    2-core machine, 16 processes must each be scheduled at every step, and on a loaded machine
+    each wake-up waits its turn; one process steps all of its envs per wake-up.
+    Results are those of the same envs stepped in this process.
+    """
+
+    def __init__(self, tasks: Sequence[str], num_envs: int, seed: int, **make_vector_env_kwargs: Any) -> None:
+        import multiprocessing
+
+        if make_vector_env_kwargs.get("asynchronous") or make_vector_env_kwargs.get("first_env_kwargs"):
+            raise ValueError("SubprocessVectorEnv steps a synchronous vector env in its worker: "
+                             "pass neither asynchronous nor first_env_kwargs.")
+        self._conn, child = multiprocessing.Pipe()
+        builder = functools.partial(make_vector_env, list(tasks), num_envs, seed, **make_vector_env_kwargs)
+        self._process = multiprocessing.Process(target=_vector_env_worker, args=(child, builder), daemon=True)
+        self._process.start()
+        child.close()
+        self.num_envs = num_envs
+        self.single_observation_space, self.single_action_space = self._receive()
+        self._waiting = False
+
+    def _receive(self) -> Any:
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"The env worker process died (exit code {self._process.exitcode}).") from None
+        if status == "error":
+            raise RuntimeError(f"The env worker process failed:\n{payload}")
+        return payload
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._conn.send(("step", actions))
+        self._waiting = True
+
+    def step_wait(self) -> tuple:
+        """(obs, rewards, terminated, truncated, info) of the step sent by `step_async`."""
+        self._waiting = False
+        return self._receive()
+
+    def step(self, actions: np.ndarray) -> tuple:
+        self.step_async(actions)
+        return self.step_wait()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        if self._waiting:
+            raise RuntimeError("reset called while a step is in flight; call step_wait first.")
+        self._conn.send(("reset", {"seed": seed, "options": options}))
+        return self._receive()
+
+    def cpu_seconds(self) -> float:
+        """CPU time the worker process has used so far (`time.process_time()` there)."""
+        if self._waiting:
+            raise RuntimeError("cpu_seconds called while a step is in flight; call step_wait first.")
+        self._conn.send(("cpu", None))
+        return float(self._receive())
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                if self._waiting:
+                    self._conn.recv()
+                self._conn.send(("close", None))
+                self._conn.recv()
+            except (EOFError, BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.terminate()
+        self._conn.close()
+
+
+def _vector_env_worker(conn: Any, builder: Callable[[], gym.vector.VectorEnv]) -> None:
+    """The loop of a `SubprocessVectorEnv`'s process: build, then answer commands until "close"."""
+    import traceback
+
+    envs = None
+    try:
+        envs = builder()
+        conn.send(("ok", (envs.single_observation_space, envs.single_action_space)))
+        while True:
+            command, data = conn.recv()
+            if command == "step":
+                conn.send(("ok", envs.step(data)))
+            elif command == "reset":
+                conn.send(("ok", envs.reset(**data)))
+            elif command == "cpu":
+                conn.send(("ok", time.process_time()))
+            else:
+                conn.send(("ok", None))
+                break
+    except (KeyboardInterrupt, EOFError):
+        pass
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        if envs is not None:
+            envs.close()
+        conn.close()
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,11 +3,14 @@
 Protocol (the same for every agent, so numbers compare):
 
 - per task, `episodes` episodes run on `num_envs` Gymnasium vector sub-envs; env i is built by
-  `eva_rl.envs.make_env(task, seed + i)` and runs `(episodes + i) // num_envs` episodes (the
+  `eva_rl.envs.make_env(task, seed + i)` (through `make_vector_env`) and runs `(episodes + i) // num_envs` episodes (the
   split is even, so envs with short episodes are not over-represented), one after another;
   the k-th episode of env i therefore starts from the same state for every agent and run;
 - autoreset is disabled: an env whose episode ended is reset explicitly, so no reset step is
   ever stepped or counted;
+- `asynchronous=True` steps the envs in worker processes, in two groups pipelined with the
+  policy (one group steps while the actions of the other are computed); every env sees the
+  same actions as in the synchronous loop, so the episodes are the same;
 - the Decision Transformer is conditioned on a per-task target return (default: the metadata's,
   the best return in the task's training data), decremented by each reward;
 - an episode succeeds if `info["success"]` was true at any of its steps.
@@ -18,7 +21,6 @@ Aggregates (per task and over the suite, for success, return and length) come fr
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -27,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 import eva_rl
 from eva_rl import stats
 from eva_rl.storage import atomic_path, write_text_atomic
-from eva_rl.envs import _space_shapes, expert_policy, make_env, resolve_tasks, task_spec
-from eva_rl.policy import DecisionTransformerPolicy, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
+from eva_rl.envs import SubprocessVectorEnv, _space_shapes, expert_policy, make_vector_env, resolve_tasks, task_spec
+from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
 
 REFERENCE_KINDS = ("expert", "random")
 eva_rl._make_callable(__name__)  # so that eva_rl.evaluate(...) calls evaluate() below
@@ -115,7 +118,8 @@ class EvalResult:
     env_steps: int = 0  # steps taken in all envs (episodes' steps only)
     seconds: float = 0.0  # wall-clock time of the rollouts (acting and stepping, not building the envs)
     build_seconds: float = 0.0  # wall-clock time spent building and closing the envs
-    cpu_seconds: float = 0.0  # CPU time of this process during the rollouts (not async env workers)
+    cpu_seconds: float = 0.0  # CPU time of this process during the rollouts
+    worker_cpu_seconds: float = 0.0  # CPU time of the env worker processes during the rollouts (asynchronous)
 
     @property
     def success_rate(self) -> float:
@@ -128,6 +132,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "suite": self.suite, "tasks": self.tasks, "env_steps": self.env_steps,
                 "seconds": self.seconds, "build_seconds": self.build_seconds, "cpu_seconds": self.cpu_seconds,
+                "worker_cpu_seconds": self.worker_cpu_seconds,
                 "episodes": [r.to_dict() for r in self.episodes]}
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -142,7 +147,8 @@ class EvalResult:
         return cls(episodes=[EpisodeRecord.from_dict(r) for r in data["episodes"]], tasks=data["tasks"],
                    suite=data["suite"], settings=data.get("settings", {}), env_steps=int(data.get("env_steps", 0)),
                    seconds=float(data.get("seconds", 0.0)), build_seconds=float(data.get("build_seconds", 0.0)),
-                   cpu_seconds=float(data.get("cpu_seconds", 0.0)))
+                   cpu_seconds=float(data.get("cpu_seconds", 0.0)),
+                   worker_cpu_seconds=float(data.get("worker_cpu_seconds", 0.0)))
 
     def describe(self) -> str:
         """A plain-text table: one row per task, then the suite."""
@@ -220,9 +226,10 @@ def evaluate(policy: DecisionTransformerPolicy, tasks: str | Sequence[str], epis
 
     target_returns: RAW return to condition on: one number for all tasks, or {task: value}
     (missing tasks fall back to the policy metadata's). horizon: steps per episode (default: the
-    suite's). bf16: bfloat16 inference (fast on GPUs and AVX512-BF16/AMX CPUs only). video_dir: write
-    the first episode of each task as `<task>.mp4`, keeping every `video_every`-th frame.
-    The policy is put in eval mode and left there.
+    suite's). asynchronous: step the envs in worker processes while the policy acts (same
+    episodes; faster where a second core is free). bf16: bfloat16 inference (fast on GPUs and
+    AVX512-BF16/AMX CPUs only). video_dir: write the first episode of each task as `<task>.mp4`,
+    keeping every `video_every`-th frame. The policy is put in eval mode and left there.
     """
     task_list = resolve_tasks(tasks)
     targets = _resolve_targets(policy, task_list, target_returns)
@@ -309,11 +316,11 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
 
         bar = tqdm(total=episodes * len(tasks), desc="evaluate", unit="episode")
     records: list[EpisodeRecord] = []
-    env_steps, rollout_seconds, cpu_seconds = 0, 0.0, 0.0
+    env_steps, rollout_seconds, cpu_seconds, worker_cpu_seconds = 0, 0.0, 0.0, 0.0
     start = time.perf_counter()
     try:
         for task in tasks:
-            task_records, steps, seconds, cpu = _rollout_task(
+            task_records, steps, seconds, cpu, worker_cpu = _rollout_task(
                 agent, task, episodes, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
                 video_path=Path(video_dir) / f"{task}.mp4" if video_dir is not None else None,
                 video_every=video_every, check_spaces=check_spaces, bar=bar)
@@ -321,6 +328,7 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
             env_steps += steps
             rollout_seconds += seconds
             cpu_seconds += cpu
+            worker_cpu_seconds += worker_cpu
     finally:
         if bar is not None:
             bar.close()
@@ -330,95 +338,182 @@ def _run(agent: _Agent, tasks: Sequence[str], episodes: int, seed: int, *, num_e
                 "horizon": horizon, "asynchronous": asynchronous}
     return EvalResult(episodes=records, tasks=per_task, suite=suite, settings=settings, env_steps=env_steps,
                       seconds=rollout_seconds, build_seconds=total_seconds - rollout_seconds,
-                      cpu_seconds=cpu_seconds)
+                      cpu_seconds=cpu_seconds, worker_cpu_seconds=worker_cpu_seconds)
 
 
-def _vector_env(task: str, seed: int, n_envs: int, *, horizon: int | None, asynchronous: bool,
-                render: bool) -> Any:
-    import gymnasium as gym
+class _EnvGroup:
+    """A vector env over the task's envs `offset .. offset + num_envs - 1`, with the observations
+    its envs show now. `send` steps it; `receive` returns that step's results. Synchronous, the
+    step happens in `send`; asynchronous (`SubprocessVectorEnv`), the envs step in their worker
+    process between the two calls, while this process acts for the other group."""
 
-    factories = [functools.partial(make_env, task, seed + i, horizon=horizon) for i in range(n_envs)]
+    def __init__(self, envs: Any, offset: int) -> None:
+        self.envs = envs
+        self.offset = offset
+        self.ids = offset + np.arange(envs.num_envs)  # global env indices
+        self.obs: np.ndarray | None = None  # (num_envs, obs_dim)
+        self.sent_ids = np.zeros(0, dtype=np.int64)  # global ids of the envs that acted in the step in flight
+        self.sent_actions: np.ndarray | None = None  # (num_envs, act_dim) the step's actions, idle ones included
+        self._result: tuple | None = None
+        self.pending = False
+
+    def send(self, actions: np.ndarray, ids: np.ndarray) -> None:
+        self.sent_ids, self.sent_actions, self.pending = ids, actions, True
+        if isinstance(self.envs, SubprocessVectorEnv):
+            self.envs.step_async(actions)
+        else:
+            self._result = self.envs.step(actions)
+
+    def receive(self) -> tuple:
+        self.pending = False
+        result = self.envs.step_wait() if isinstance(self.envs, SubprocessVectorEnv) else self._result
+        self._result = None
+        return result
+
+
+def _env_groups(task: str, seed: int, n_envs: int, *, horizon: int | None, asynchronous: bool,
+                render: bool) -> list[_EnvGroup]:
+    """One synchronous group of all `n_envs` envs; asynchronous (and not recording), two groups,
+    each stepped in one worker process (env i still seeded seed + i), pipelined: while one
+    group's envs step, this process computes the other group's actions (two cores: the policy
+    on one, the simulators on the other). Recording needs env 0 in this process."""
+    kwargs: dict[str, Any] = dict(horizon=horizon, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     if render:
-        # env 0 records; rendering needs direct access to it, hence the synchronous vector env
-        factories[0] = functools.partial(make_env, task, seed, horizon=horizon, render_mode="rgb_array",
-                                         **_render_size(task))
-        asynchronous = False
-    vector_cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv
-    return vector_cls(factories, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+        first = {"render_mode": "rgb_array", **_render_size(task)}
+        return [_EnvGroup(make_vector_env([task], n_envs, seed, first_env_kwargs=first, **kwargs), 0)]
+    if not asynchronous or n_envs == 1:
+        return [_EnvGroup(make_vector_env([task], n_envs, seed, **kwargs), 0)]
+    half = (n_envs + 1) // 2
+    groups = []
+    try:
+        for offset, size in ((0, half), (half, n_envs - half)):
+            groups.append(_EnvGroup(SubprocessVectorEnv([task], size, seed + offset, **kwargs), offset))
+    except BaseException:
+        for group in groups:
+            group.envs.close()
+        raise
+    return groups
+
+
+class _Tally:
+    """Per-env bookkeeping of one task's episodes: the even split, the running episodes, the finished ones."""
+
+    def __init__(self, episodes: int, n_envs: int) -> None:
+        self.quota = np.array([(episodes + i) // n_envs for i in range(n_envs)])  # even split, sums to `episodes`
+        self.done_count = np.zeros(n_envs, dtype=np.int64)
+        self.ep_return = np.zeros(n_envs, dtype=np.float64)
+        self.ep_length = np.zeros(n_envs, dtype=np.int64)
+        self.ep_success = np.zeros(n_envs, dtype=bool)
+        self.finished: dict[tuple[int, int], tuple[float, int, bool]] = {}  # (env, k-th episode) -> result
+        self.env_steps = 0  # steps of counted episodes only
+
+    @property
+    def active(self) -> np.ndarray:
+        """(n_envs,) True where an env still has episodes to run."""
+        return self.done_count < self.quota
+
+    def add_step(self, ids: np.ndarray, rewards: np.ndarray, success: np.ndarray) -> None:
+        self.ep_return[ids] += rewards
+        self.ep_length[ids] += 1
+        self.ep_success[ids] |= success
+        self.env_steps += len(ids)
+
+    def finish(self, ids: np.ndarray) -> None:
+        for i in ids:
+            self.finished[(i, int(self.done_count[i]))] = (float(self.ep_return[i]), int(self.ep_length[i]),
+                                                          bool(self.ep_success[i]))
+            self.done_count[i] += 1
+            self.ep_return[i], self.ep_length[i], self.ep_success[i] = 0.0, 0, False
+
+    def records(self, task: str, seed: int) -> list[EpisodeRecord]:
+        """Every episode, env-major (env 0's episodes first)."""
+        records = []
+        for i in range(len(self.quota)):
+            for k in range(int(self.quota[i])):
+                ret, length, success = self.finished[(i, k)]
+                records.append(EpisodeRecord(task=task, episode=len(records), env=i, seed=seed + i,
+                                             episode_return=ret, length=length, success=success))
+        return records
 
 
 def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: int, *, horizon: int | None,
                   asynchronous: bool, video_path: Path | None, video_every: int,
                   check_spaces: Callable[..., None] | None,
-                  bar: Any) -> tuple[list[EpisodeRecord], int, float, float]:
+                  bar: Any) -> tuple[list[EpisodeRecord], int, float, float, float]:
     """All `episodes` episodes of one task: their records (env-major order), the steps taken, and
-    the wall-clock and CPU seconds spent rolling out (from the first reset to the last step)."""
-    quota = np.array([(episodes + i) // n_envs for i in range(n_envs)])  # even split, sums to `episodes`
+    the wall-clock, CPU and env-worker CPU seconds spent rolling out (first reset to last step)."""
     if video_path is not None:
         _select_gl_backend()
-    envs = _vector_env(task, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
-                       render=video_path is not None)
+    groups = _env_groups(task, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
+                         render=video_path is not None)
     try:
+        envs = groups[0].envs
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
         if check_spaces is not None:
             check_spaces(task, obs_space, act_space)
-        act_dim = act_space.shape[0]
-        low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
         agent.start(task, n_envs, act_space)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        obs, _ = envs.reset()
-        done_count = np.zeros(n_envs, dtype=np.int64)
-        ep_return = np.zeros(n_envs, dtype=np.float64)
-        ep_length = np.zeros(n_envs, dtype=np.int64)
-        ep_success = np.zeros(n_envs, dtype=bool)
-        finished: dict[tuple[int, int], tuple[float, int, bool]] = {}
-        frames: list[np.ndarray] | None = [] if video_path is not None else None
-        flip = task_spec(task).family == "metaworld"
-        if frames is not None:
-            frames.append(_frame(envs.envs[0], flip))
-        env_steps = 0
-        # envs that met their quota keep stepping (a vector env steps all) with ignored actions
-        idle_action = np.clip(np.zeros(act_dim, dtype=np.float32), low, high)
-        while (done_count < quota).any():
-            active = done_count < quota
-            ids = np.flatnonzero(active)
-            actions = np.tile(idle_action, (n_envs, 1))
-            actions[ids] = np.clip(agent.act(obs[ids], ids)[:, :act_dim], low, high)
-            obs, rewards, terminated, truncated, info = envs.step(actions)
-            agent.step(actions[ids], rewards[ids], ids)
-            step_success = _info_flags(info, "success", n_envs)
-            ep_return[ids] += rewards[ids]
-            ep_length[ids] += 1
-            ep_success[ids] |= step_success[ids]
-            env_steps += len(ids)
-            if frames is not None and done_count[0] == 0 and ep_length[0] % video_every == 0:
-                frames.append(_frame(envs.envs[0], flip))
-            done = terminated | truncated
-            for i in np.flatnonzero(done & active):
-                finished[(i, int(done_count[i]))] = (float(ep_return[i]), int(ep_length[i]), bool(ep_success[i]))
-                if i == 0 and frames is not None and done_count[0] == 0:
-                    _write_video(video_path, frames, envs.envs[0], video_every)
-                    frames = None
-                done_count[i] += 1
-                ep_return[i], ep_length[i], ep_success[i] = 0.0, 0, False
-                if bar is not None:
-                    bar.update(1)
-            if done.any():
-                reset_obs, _ = envs.reset(options={"reset_mask": done.copy()})
-                obs = np.where(done[:, None], reset_obs, obs)
-                restart = np.flatnonzero(done & (done_count < quota))
-                if len(restart):
-                    agent.reset(restart)
+        tally = _Tally(episodes, n_envs)
+        start, start_cpu, start_workers = time.perf_counter(), time.process_time(), _worker_cpu_seconds(groups)
+        for group in groups:
+            group.obs, _ = group.envs.reset()
+        video = _Video(video_path, envs.envs[0], task, video_every) if video_path is not None else None
+        # Each pass acts for every group in turn; a group's previous step is collected just before
+        # it acts again, so with two asynchronous groups one steps while the other's actions are computed.
+        while True:
+            for group in groups:
+                if group.pending:
+                    _collect(group, agent, tally, video, bar)
+                _act(group, agent, tally, act_space)
+            if not any(group.pending for group in groups):
+                break
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        worker_cpu_seconds = _worker_cpu_seconds(groups) - start_workers
     finally:
-        envs.close()
-    records = []
-    for i in range(n_envs):
-        for k in range(int(quota[i])):
-            ret, length, success = finished[(i, k)]
-            records.append(EpisodeRecord(task=task, episode=len(records), env=i, seed=seed + i,
-                                         episode_return=ret, length=length, success=success))
-    return records, env_steps, seconds, cpu_seconds
+        for group in groups:
+            group.envs.close()
+    return tally.records(task, seed), tally.env_steps, seconds, cpu_seconds, worker_cpu_seconds
+
+
+def _worker_cpu_seconds(groups: Sequence[_EnvGroup]) -> float:
+    return sum(group.envs.cpu_seconds() for group in groups if isinstance(group.envs, SubprocessVectorEnv))
+
+
+def _act(group: _EnvGroup, agent: _Agent, tally: _Tally, act_space: Any) -> None:
+    """Act for the group's envs that still have episodes to run and send the step off. Envs that
+    met their quota step too (a vector env steps all) with an idle action whose results are ignored."""
+    ids = group.ids[tally.active[group.ids]]
+    if not len(ids):
+        return
+    act_dim = act_space.shape[0]
+    low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
+    actions = np.tile(np.clip(np.zeros(act_dim, dtype=np.float32), low, high), (len(group.ids), 1))
+    rows = ids - group.offset
+    actions[rows] = np.clip(agent.act(group.obs[rows], ids)[:, :act_dim], low, high)
+    group.send(actions, ids)
+
+
+def _collect(group: _EnvGroup, agent: _Agent, tally: _Tally, video: "_Video | None", bar: Any) -> None:
+    """Take in the results of the group's step: tally them, end episodes, reset the ended envs."""
+    obs, rewards, terminated, truncated, info = group.receive()
+    ids, rows = group.sent_ids, group.sent_ids - group.offset
+    agent.step(group.sent_actions[rows], rewards[rows], ids)
+    tally.add_step(ids, rewards[rows], _info_flags(info, "success", len(group.ids))[rows])
+    done = terminated | truncated  # (group size,)
+    if video is not None and video.frames is not None and 0 in ids:
+        video.after_step(int(tally.ep_length[0]), ended=bool(done[0]))
+    ended = ids[done[rows]]
+    tally.finish(ended)
+    if bar is not None and len(ended):
+        bar.update(len(ended))
+    # An env is reset only if its group steps again (an env past its quota idles until the others finish);
+    # the group's last step resets nothing (nothing would use that observation).
+    if done.any() and tally.active[group.ids].any():
+        reset_obs, _ = group.envs.reset(options={"reset_mask": done.copy()})
+        obs = np.where(done[:, None], reset_obs, obs)
+        restart = group.ids[done & tally.active[group.ids]]
+        if len(restart):
+            agent.reset(restart)
+    group.obs = obs
 
 
 def _info_flags(info: Mapping[str, Any], key: str, n_envs: int) -> np.ndarray:
@@ -433,6 +528,26 @@ def _info_flags(info: Mapping[str, Any], key: str, n_envs: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Video
 # ------------------------------------------------------------------------------------------------
+
+class _Video:
+    """The first episode of env 0: its reset frame and every `every`-th step's, written to
+    `path` as MP4 when the episode ends."""
+
+    def __init__(self, path: Path, env: Any, task: str, every: int) -> None:
+        self.path, self.env, self.every = path, env, every
+        self.flip = task_spec(task).family == "metaworld"
+        self.frames: list[np.ndarray] | None = [_frame(env, self.flip)]
+
+    def after_step(self, length: int, ended: bool) -> None:
+        """Env 0 took its `length`-th step of the episode (`ended`: the episode's last)."""
+        if self.frames is None:
+            return
+        if length % self.every == 0:
+            self.frames.append(_frame(self.env, self.flip))
+        if ended:
+            _write_video(self.path, self.frames, self.env, self.every)
+            self.frames = None
+
 
 def _select_gl_backend() -> None:
     """MuJoCo offscreen rendering: EGL where a GPU is present, OSMesa otherwise (unless MUJOCO_GL is set)."""

@@ -1,4 +1,4 @@
-"""The Decision Transformer policy: config, metadata, checkpoints, and batched incremental acting.
+"""The Decision Transformer policy: config, metadata, training forward and loss, checkpoints.
 
 The network is `transformers.DecisionTransformerModel` (GPT-2 blocks); this module adds what a
 policy needs around it:
@@ -11,7 +11,7 @@ policy needs around it:
   plus `eva_rl.json` (config and metadata as JSON: loading never unpickles);
 - `forward(batch)` / `loss(batch)` on `TrajectoryDataset.sample()` batches;
 - `start_rollout` / `act`: inference for many envs at once, each with its own context of its last
-  K steps, in one forward pass that computes only what the next action needs.
+  K steps, in one forward pass that computes only what the next action needs (`eva_rl.rollout`).
 
 Tokens per step: (return-to-go, state, action); a window of K steps is 3K tokens; the action for
 step t is read from the hidden state of the state token s_t.
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -33,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DecisionTransformerConfig, DecisionTransformerModel
-from transformers.pytorch_utils import Conv1D
 
 import eva_rl
-from eva_rl.distributed import cpu_supports_bf16
+from eva_rl import rollout
+from eva_rl.rollout import RolloutContext
 from eva_rl.storage import atomic_dir
 
 METADATA_FILE = "eva_rl.json"
@@ -247,104 +246,6 @@ class PolicyMetadata:
 
 
 # ------------------------------------------------------------------------------------------------
-# Rollout context: the per-env history `act` reads
-# ------------------------------------------------------------------------------------------------
-
-class RolloutContext:
-    """The last K steps of each of `num_envs` running episodes, right-aligned (slot K-1 = now).
-
-    Made by `DecisionTransformerPolicy.start_rollout`. The loop is:
-
-        ctx = policy.start_rollout(num_envs, target_returns)      # raw target returns, (num_envs,)
-        obs = ...                                                  # (num_envs, obs_dim) raw
-        while ...:
-            actions = policy.act(ctx, obs)                         # (num_envs, act_dim)
-            obs, rewards, ... = envs.step(actions)
-            ctx.step(actions, rewards)                             # history advances one step
-            ctx.reset(done_ids, targets)                           # envs whose episode ended
-
-    Every method takes optional `env_ids` to work on a subset (rows of the arguments follow it).
-    Besides the raw history, the context caches each step's token embeddings and the first
-    block's query/key/value projections: they depend only on that token, so they are computed
-    once per step, not K times. A context therefore belongs to one policy's current weights.
-    """
-
-    def __init__(self, *, num_envs: int, context_length: int, state_dim: int, act_dim: int, hidden_size: int,
-                 return_scale: float, max_ep_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        n, k = num_envs, context_length
-        self.num_envs = num_envs
-        self.context_length = context_length
-        self.return_scale = return_scale
-        self.max_ep_len = max_ep_len
-        self.device = device
-        self.dtype = dtype  # compute dtype of `act` (float32 or bfloat16)
-        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        self.states = zeros(n, k, state_dim)  # normalised states
-        self.actions = zeros(n, k, act_dim)  # actions taken (slot K-1: not yet)
-        self.returns_to_go = zeros(n, k)  # RAW / return_scale
-        self.timesteps = zeros(n, k, dtype=torch.long)  # step index in the episode (unclipped)
-        self.mask = zeros(n, k, dtype=torch.bool)  # True = a real step
-        self.episode_steps = zeros(n, dtype=torch.long)  # steps taken in the current episode
-        # caches, in token order (R, s, a) per step
-        self.tokens = zeros(n, k, 3, hidden_size)  # embedded tokens entering block 0 (fp32: the residual stream)
-        self.qkv0 = zeros(n, k, 3, 3 * hidden_size, dtype=dtype)  # block 0's c_attn(ln_1(token))
-
-    def _rows(self, env_ids: Sequence[int] | np.ndarray | None) -> tuple[torch.Tensor | slice, int]:
-        """An index of the rows of `env_ids` and their count; all envs index as a slice (views, no copies)."""
-        if env_ids is None:
-            return slice(None), self.num_envs
-        ids = np.asarray(env_ids, dtype=np.int64).reshape(-1)
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.num_envs):
-            raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {ids.tolist()}.")
-        if ids.size == self.num_envs and np.array_equal(ids, np.arange(self.num_envs)):
-            return slice(None), self.num_envs
-        return torch.as_tensor(ids, device=self.device), int(ids.size)
-
-    def reset(self, env_ids: Sequence[int] | np.ndarray | None = None,
-              target_returns: float | Sequence[float] | np.ndarray = 0.0) -> None:
-        """Start new episodes in `env_ids` (all when None) conditioned on RAW `target_returns`."""
-        ids, n = self._rows(env_ids)
-        targets = torch.as_tensor(np.asarray(target_returns, dtype=np.float32), device=self.device)
-        targets = targets.expand(n) if targets.ndim == 0 else targets.reshape(-1)
-        if len(targets) != n:
-            raise ValueError(f"reset got {len(targets)} target returns for {n} envs.")
-        if not torch.isfinite(targets).all():
-            raise ValueError(f"Target returns must be finite, got {targets.tolist()}.")
-        for buf in (self.states, self.actions, self.returns_to_go, self.timesteps, self.mask,
-                    self.episode_steps, self.tokens, self.qkv0):
-            buf[ids] = 0
-        self.returns_to_go[ids, -1] = targets / self.return_scale
-
-    def step(self, actions: np.ndarray | torch.Tensor, rewards: np.ndarray | torch.Tensor,
-             env_ids: Sequence[int] | np.ndarray | None = None) -> None:
-        """Record the actions taken (rows, (n, act_dim) or narrower) and rewards got ((n,), RAW);
-        the context moves on one step: the return-to-go drops by the reward."""
-        ids, n = self._rows(env_ids)
-        actions = torch.as_tensor(np.asarray(actions, dtype=np.float32), device=self.device)
-        rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float32), device=self.device).reshape(-1)
-        if actions.ndim != 2 or actions.shape[0] != n or actions.shape[1] > self.actions.shape[2]:
-            raise ValueError(
-                f"step expects actions of shape ({n}, <= {self.actions.shape[2]}), got {tuple(actions.shape)}."
-            )
-        if rewards.shape[0] != n:
-            raise ValueError(f"step expects {n} rewards, got {rewards.shape[0]}.")
-        self.actions[ids, -1, : actions.shape[1]] = actions
-        self.actions[ids, -1, actions.shape[1]:] = 0
-        next_rtg = self.returns_to_go[ids, -1] - rewards / self.return_scale
-        next_t = self.timesteps[ids, -1] + 1
-        for buf in (self.states, self.actions, self.returns_to_go, self.timesteps, self.mask,
-                    self.tokens, self.qkv0):
-            buf[ids] = torch.roll(buf[ids], shifts=-1, dims=1)
-        # the new slot K-1 waits for its observation (act fills the state and the mask)
-        self.states[ids, -1] = 0
-        self.actions[ids, -1] = 0
-        self.mask[ids, -1] = False
-        self.returns_to_go[ids, -1] = next_rtg
-        self.timesteps[ids, -1] = next_t
-        self.episode_steps[ids] += 1
-
-
-# ------------------------------------------------------------------------------------------------
 # The policy
 # ------------------------------------------------------------------------------------------------
 
@@ -513,139 +414,29 @@ class DecisionTransformerPolicy(nn.Module):
         per_sample = torch.as_tensor(dims, device=self.device)[task_ids]  # (B,)
         return (torch.arange(width, device=self.device) < per_sample[:, None]).float()
 
-    # -- acting -----------------------------------------------------------------------------------
+    # -- acting (eva_rl.rollout) -------------------------------------------------------------------
 
     def start_rollout(self, num_envs: int, target_returns: float | Sequence[float] | np.ndarray, *,
                       bf16: bool = False) -> RolloutContext:
         """A fresh `RolloutContext` for `num_envs` episodes conditioned on RAW `target_returns`
         (a number or one per env). `bf16=True` runs `act` in bfloat16 autocast."""
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
-        if bf16 and self.device.type == "cpu" and not cpu_supports_bf16():
-            warnings.warn("bf16 inference on this CPU is emulated (no AVX512-BF16/AMX) and much slower than fp32; "
-                          "use fp32 here.", RuntimeWarning, stacklevel=2)
-        ctx = RolloutContext(
-            num_envs=num_envs, context_length=self.config.context_length, state_dim=self.config.state_dim,
-            act_dim=self.config.act_dim, hidden_size=self.config.hidden_size,
-            return_scale=self.metadata.return_scale, max_ep_len=self.config.max_ep_len, device=self.device,
-            dtype=torch.bfloat16 if bf16 else torch.float32,
-        )
-        ctx.reset(None, target_returns)
-        return ctx
+        return rollout.start_rollout(self, num_envs, target_returns, bf16=bf16)
 
     def normalize_observations(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(n, obs_dim) raw observations -> (n, state_dim) zero-padded and normalised."""
-        obs = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.device)
-        if obs.ndim != 2:
-            raise ValueError(f"Observations must be (num_envs, obs_dim), got shape {tuple(obs.shape)}.")
-        if obs.shape[1] > self.config.state_dim:
-            raise ValueError(
-                f"Observations have {obs.shape[1]} dims but the policy takes at most state_dim="
-                f"{self.config.state_dim}; this env does not fit this policy."
-            )
-        padded = F.pad(obs, (0, self.config.state_dim - obs.shape[1]))
-        return (padded - self.state_mean) / self.state_std
+        return rollout.normalize_observations(self, obs)
 
-    @torch.no_grad()
     def act(self, ctx: RolloutContext, obs: np.ndarray | torch.Tensor,
             env_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Actions (n, act_dim) float32 for raw observations `obs` (n, obs_dim) of `env_ids`
-        (all envs when None), each conditioned on its own last K steps in `ctx`.
-
-        One pass for all envs that computes only the last state token's path: the per-token
-        embeddings and block 0's projections come from `ctx`'s cache, the last block runs its
-        attention query, output projection and MLP for that one token, and the trailing (unknown)
-        action token is never built. Equal to `forward` on the same window's last step.
-        """
-        ids, n = ctx._rows(env_ids)
-        states = self.normalize_observations(obs)
-        if states.shape[0] != n:
-            raise ValueError(f"act got {states.shape[0]} observations for {n} envs.")
-        if not torch.isfinite(states).all():
-            raise ValueError("Observations contain NaN or inf.")
-        ctx.states[ids, -1] = states
-        ctx.mask[ids, -1] = True
-        was_training = self.training
-        if was_training:
-            self.eval()  # dropout off: acting is inference
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=ctx.dtype == torch.bfloat16):
-                actions = self._act_tokens(ctx, ids, n)
-        finally:
-            if was_training:
-                self.train()
-        return actions.float().cpu().numpy()
+        (all envs when None), each conditioned on its own last K steps in `ctx`: one batched
+        incremental pass (`eva_rl.rollout.act`), equal to `forward` on the same window's last step."""
+        return rollout.act(self, ctx, obs, env_ids)
 
     def _dt(self) -> DecisionTransformerModel:
         """The DecisionTransformerModel, also when adapters wrapped it in a PeftModel."""
         model = self.model
         return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-    def _embed(self, ctx: RolloutContext, ids: torch.Tensor | slice, slot: int, kinds: Sequence[int]) -> None:
-        """Embed the tokens `kinds` (0 = return, 1 = state, 2 = action) of context slot `slot`
-        and cache them with block 0's query/key/value projections."""
-        dt = self._dt()
-        gpt = dt.encoder
-        t = ctx.timesteps[ids, slot].clamp(max=self.config.max_ep_len - 1)
-        time = dt.embed_timestep(t)  # (n, H)
-        parts = {
-            0: lambda: dt.embed_return(ctx.returns_to_go[ids, slot, None]),
-            1: lambda: dt.embed_state(ctx.states[ids, slot]),
-            2: lambda: dt.embed_action(ctx.actions[ids, slot]),
-        }
-        emb = torch.stack([parts[k]() + time for k in kinds], dim=1)  # (n, len(kinds), H)
-        # position ids are all 0 in the DT, so every token gets wpe[0]
-        tokens = dt.embed_ln(emb) + gpt.wpe.weight[0]
-        block = gpt.h[0]
-        qkv = block.attn.c_attn(block.ln_1(tokens))
-        kinds_t = torch.as_tensor(list(kinds), device=ctx.device)
-        index = (slice(None), slot, kinds_t) if isinstance(ids, slice) else (ids[:, None], slot, kinds_t[None, :])
-        ctx.tokens[index] = tokens.float()
-        ctx.qkv0[index] = qkv.to(ctx.dtype)
-
-    def _act_tokens(self, ctx: RolloutContext, ids: torch.Tensor | slice, n: int) -> torch.Tensor:
-        k = ctx.context_length
-        # new this step: the previous step's action token (its action is now known) and (R_t, s_t)
-        if k > 1:
-            self._embed(ctx, ids, k - 2, (2,))
-        self._embed(ctx, ids, k - 1, (0, 1))
-        hidden = self.config.hidden_size
-        n_tok = 3 * k - 1  # (R, s, a) * K without the last, unknown action
-        x = ctx.tokens[ids].reshape(n, 3 * k, hidden)[:, :n_tok]
-        qkv0 = ctx.qkv0[ids].reshape(n, 3 * k, 3 * hidden)[:, :n_tok]
-        key_mask = ctx.mask[ids].repeat_interleave(3, dim=1)[:, :n_tok]  # (n, 3K-1)
-        # causal mask with padding keys removed; a padding query sees itself so no row is empty
-        # (real tokens never attend to padding, so what padding tokens compute does not matter)
-        causal = torch.ones(n_tok, n_tok, dtype=torch.bool, device=x.device).tril()
-        full_mask = (causal & key_mask[:, None, :]) | torch.eye(n_tok, dtype=torch.bool, device=x.device)
-        full_mask = full_mask[:, None]  # (n, 1, T, T)
-        last_mask = key_mask[:, None, None, :]  # (n, 1, 1, T): the last token is causal to all
-
-        blocks = self._dt().encoder.h
-        for i, block in enumerate(blocks):
-            last = i == len(blocks) - 1
-            h = block.ln_1(x) if i > 0 else None
-            attn = block.attn
-            if last:
-                q, key, value = _last_query_qkv(attn.c_attn, h, qkv0 if i == 0 else None, hidden)
-                x_res = x[:, -1:]
-                mask = last_mask
-            else:
-                qkv = qkv0 if i == 0 else attn.c_attn(h)
-                q, key, value = qkv.split(hidden, dim=-1)
-                x_res = x
-                mask = full_mask
-            heads = lambda t: t.reshape(n, t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
-            q, key, value = heads(q), heads(key), heads(value)
-            # match the compute dtype (the caches are stored in ctx.dtype)
-            key, value = key.to(q.dtype), value.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=attn.scaling)
-            out = out.transpose(1, 2).reshape(n, q.shape[2], hidden)
-            x = x_res + attn.c_proj(out).to(x_res.dtype)
-            x = x + block.mlp(block.ln_2(x)).to(x.dtype)
-        dt = self._dt()
-        h_last = dt.encoder.ln_f(x[:, -1])  # the hidden state of s_t, (n, H)
-        return dt.predict_action(h_last)  # (n, act_dim)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -743,25 +534,6 @@ class _Dropout:
             self.rng = np.random.Generator(np.random.PCG64(seed))
         keep = torch.from_numpy(self.rng.random(x.shape, dtype=np.float32)).ge_(p).mul_(1.0 / (1.0 - p))
         return x * keep.to(x.dtype)
-
-
-def _last_query_qkv(c_attn: nn.Module, h: torch.Tensor | None, qkv0: torch.Tensor | None,
-                    hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query of the last token only, keys/values of all: q (n, 1, H), k and v (n, T, H).
-
-    A plain Conv1D is sliced so the unused queries are never computed; any other module
-    (a PEFT adapter layer) is called whole so its own logic applies."""
-    if qkv0 is not None:
-        q, key, value = qkv0.split(hidden, dim=-1)
-        return q[:, -1:], key, value
-    if type(c_attn) is Conv1D:
-        weight, bias = c_attn.weight, c_attn.bias  # (H, 3H), (3H,): Conv1D is x @ W + b
-        kv = torch.addmm(bias[hidden:], h.reshape(-1, hidden), weight[:, hidden:]).reshape(*h.shape[:2], 2 * hidden)
-        q = h[:, -1:] @ weight[:, :hidden] + bias[:hidden]
-        key, value = kv.split(hidden, dim=-1)
-        return q, key, value
-    q, key, value = c_attn(h).split(hidden, dim=-1)
-    return q[:, -1:], key, value
 
 
 def _refuse_model_keys(policy: "DecisionTransformerPolicy", state_dict: dict, prefix: str, *_: Any) -> None:

@@ -156,6 +156,48 @@ def test_vector_env_seeds_each_env():
     vec.close()
 
 
+def test_vector_env_autoreset_mode_and_a_recorded_first_env():
+    import gymnasium as gym
+
+    vec = make_vector_env(["Pendulum-v1"], 3, seed=2, asynchronous=True, first_env_kwargs={"render_mode": "rgb_array"},
+                          autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    try:
+        assert isinstance(vec, gym.vector.SyncVectorEnv)  # env 0 must be reachable to record it
+        assert [env.render_mode for env in vec.envs] == ["rgb_array", None, None]
+        assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.DISABLED
+        obs, _ = vec.reset()
+        np.testing.assert_array_equal(obs[0], make_env("Pendulum-v1", 2).reset()[0])
+    finally:
+        vec.close()
+
+
+def test_subprocess_vector_env_steps_like_the_in_process_one():
+    import gymnasium as gym
+
+    from eva_rl.envs import SubprocessVectorEnv
+
+    kwargs = dict(horizon=5, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    local = make_vector_env(["Pendulum-v1"], 2, seed=4, **kwargs)
+    remote = SubprocessVectorEnv(["Pendulum-v1"], 2, 4, **kwargs)
+    try:
+        assert remote.num_envs == 2 and remote.single_action_space == local.single_action_space
+        np.testing.assert_array_equal(remote.reset()[0], local.reset()[0])
+        actions = np.full((2, 1), 0.5, np.float32)
+        for _ in range(5):
+            remote.step_async(actions)
+            for mine, theirs in zip(local.step(actions)[:4], remote.step_wait()[:4]):
+                np.testing.assert_array_equal(mine, theirs)
+        mask = np.array([True, False])
+        np.testing.assert_array_equal(remote.reset(options={"reset_mask": mask})[0],
+                                      local.reset(options={"reset_mask": mask})[0])
+        assert remote.cpu_seconds() > 0
+    finally:
+        local.close()
+        remote.close()
+    with pytest.raises(RuntimeError, match="Unknown task or suite 'nope-v3'"):
+        SubprocessVectorEnv(["nope-v3"], 1, 0)
+
+
 def test_expert_only_where_one_exists():
     with pytest.raises(ValueError, match="sb3:PATH"):
         expert_policy("Hopper-v5")
