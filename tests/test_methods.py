@@ -129,7 +129,7 @@ def test_peft_olora_alone_is_wrong_on_conv1d() -> None:
         actions_of(model, make_batch())
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "olora", "eva", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "olora", "eva", "eva_dora", "adalora"])
 def test_saved_adapter_loads_with_peft_and_merges_to_the_same_outputs(method: str, tmp_path) -> None:
     batch = make_batch()
     model = adapted(method)
@@ -149,20 +149,91 @@ def test_saved_adapter_loads_with_peft_and_merges_to_the_same_outputs(method: st
     assert isinstance(model, PeftModel)  # merging worked on a copy
 
 
-def test_eva_ranks_and_alpha_follow_the_given_components() -> None:
-    model = tiny_model()
-    weights = random_eva_weights(model, 4)
+def redistributed_eva_weights(model: torch.nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
+    """EVA components as rank redistribution (rho > 1) leaves them: ranks 2, 6, 0, then r."""
+    weights = random_eva_weights(model, rank)
     names = list(weights)
-    weights[names[0]] = weights[names[0]][:2]  # redistributed: 2, 6, 0, 4, ...
+    weights[names[0]] = weights[names[0]][:2]
     weights[names[1]] = torch.linalg.qr(torch.randn(16, 6))[0].T
     weights[names[2]] = weights[names[2]][:0]
-    peft_model = apply_method(model, "eva", rank=4, alpha=8.0, eva_weights=weights)
+    return weights
+
+
+@pytest.mark.parametrize("method", ["eva", "eva_dora"])
+def test_eva_ranks_and_alpha_follow_the_given_components(method: str) -> None:
+    model = tiny_model()
+    weights = redistributed_eva_weights(model)
+    names = list(weights)
+    batch = make_batch()
+    reference = actions_of(model, batch)
+    peft_model = apply_method(model, method, rank=4, alpha=8.0, eva_weights=weights)
     info = methods.adapter_info(peft_model)
     assert info.ranks[names[0]] == 2 and info.ranks[names[1]] == 6 and info.ranks[names[2]] == 0
-    layer0 = peft_model.base_model.model.get_submodule(names[0])
-    assert layer0.scaling["default"] == pytest.approx(2.0)  # alpha / r kept at 8 / 4
-    assert torch.allclose(layer0.lora_A["default"].weight, weights[names[0]])
+    assert all(info.ranks[n] == 4 for n in names[3:])
+    for name in (names[0], names[1], names[3]):
+        layer = peft_model.base_model.model.get_submodule(name)
+        assert layer.scaling["default"] == pytest.approx(2.0)  # alpha / r kept at 8 / 4
+        assert torch.equal(layer.lora_A["default"].weight, weights[name])
+        assert not layer.lora_B["default"].weight.any()
     assert not hasattr(peft_model.base_model.model.get_submodule(names[2]), "lora_A")  # rank 0: no adapter
+    config = peft_model.peft_config["default"]
+    assert config.rank_pattern == {names[0]: 2, names[1]: 6}
+    assert config.alpha_pattern == {names[0]: 4.0, names[1]: 12.0}
+    assert set(config.target_modules) == set(names) - {names[2]}
+    assert torch.allclose(actions_of(peft_model, batch), reference, atol=1e-5)
+    if method == "eva_dora":  # the magnitude of W + scaling B A with B = 0: the base weight's column norms
+        layer = peft_model.base_model.model.get_submodule(names[1])
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        assert torch.allclose(magnitude, layer.get_base_layer().weight.T.norm(dim=1), atol=1e-6)
+
+
+def deep_model(n_layer: int = 6) -> DecisionTransformerModel:
+    """24 target matrices: enough for PEFT to shorten target_modules to suffixes (it does from 20)."""
+    torch.manual_seed(0)
+    config = DecisionTransformerConfig(state_dim=STATE, act_dim=ACT, hidden_size=16, n_layer=n_layer, n_head=2,
+                                       max_ep_len=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return DecisionTransformerModel(config).eval()
+
+
+@pytest.mark.parametrize("method", ["eva", "eva_dora"])
+def test_eva_rank_zero_layers_stay_bare_when_the_adapter_is_loaded(method: str, tmp_path) -> None:
+    batch = make_batch()
+    weights = redistributed_eva_weights(deep_model())
+    dropped = list(weights)[2]
+    model = apply_method(deep_model(), method, rank=4, alpha=8.0, eva_weights=weights)
+    perturb_adapter(model)
+    model.eval()
+    expected = actions_of(model, batch)
+    methods.save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(deep_model(), tmp_path / "adapter").eval()
+    assert not [w for w in caught if "keys" in str(w.message)]  # no missing or unexpected adapter keys
+    assert not hasattr(loaded.base_model.model.get_submodule(dropped), "lora_A")
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) == \
+        sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert torch.allclose(actions_of(loaded, batch), expected, atol=1e-5)
+
+
+def test_peft_eva_loader_alone_re_adapts_a_dropped_layer_on_load(tmp_path) -> None:
+    """Why _eva_init rewrites target_modules: PEFT's loader shortens 20+ targets to suffixes
+    ("c_attn") without counting the rank-0 layers it dropped, so loading the saved adapter puts
+    an adapter (random A, B = 0) back on them."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+
+    weights = redistributed_eva_weights(deep_model())
+    dropped = list(weights)[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(deep_model(), LoraConfig(r=4, lora_alpha=8, target_modules=list(weights),
+                                                        init_lora_weights="eva", fan_in_fan_out=True))
+        peft.initialize_lora_eva_weights(model, eva_state_dict={"base_model.model." + k: v for k, v in weights.items()},
+                                         show_progress_bar=False)
+        assert not hasattr(model.base_model.model.get_submodule(dropped), "lora_A")
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(deep_model(), tmp_path / "adapter")
+    assert hasattr(loaded.base_model.model.get_submodule(dropped), "lora_A")
 
 
 def test_adalora_ranks_shrink_when_the_loop_calls_the_step_hook() -> None:
