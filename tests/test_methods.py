@@ -149,6 +149,51 @@ def test_saved_adapter_loads_with_peft_and_merges_to_the_same_outputs(method: st
     assert isinstance(model, PeftModel)  # merging worked on a copy
 
 
+def _peft_converted_adapter(model: PeftModel, directory) -> dict[str, torch.Tensor]:
+    """PEFT's own pissa/olora -> LoRA conversion: the initial adapter written first (its config
+    with init_lora_weights=True, as PEFT's docs say), then save_pretrained converts against it."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.init_lora_weights = True
+    config.save_pretrained(str(directory / "initial"))
+    save_file({k: v.contiguous() for k, v in methods.adapter_info(model).initial_lora.items()},
+              str(directory / "initial" / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(directory / "peft"), path_initial_model_for_weight_conversion=str(directory / "initial"))
+    return load_file(str(directory / "peft" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_residual_adapters_save_as_peft_converts_them_and_keep_modules_to_save(method: str, tmp_path) -> None:
+    """save_adapter writes what PEFT's path_initial_model_for_weight_conversion writes, and also
+    the modules_to_save weights, which PEFT's conversion drops (its file then does not load)."""
+    from safetensors.torch import load_file
+
+    model = adapted(method)
+    perturb_adapter(model)
+    methods.save_adapter(model, tmp_path / "ours")
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    peft_made = _peft_converted_adapter(model, tmp_path)
+    assert ours.keys() == peft_made.keys()
+    assert all(torch.equal(ours[k], peft_made[k]) for k in ours)
+
+    model = adapted(method, modules_to_save=("predict_action",))
+    perturb_adapter(model)
+    model.eval()
+    expected = actions_of(model, make_batch())
+    methods.save_adapter(model, tmp_path / "ours_head")
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "ours_head").eval()
+    assert torch.allclose(actions_of(loaded, make_batch()), expected, atol=1e-5)
+    peft_made = _peft_converted_adapter(model, tmp_path / "head")
+    assert not [k for k in peft_made if "predict_action" in k]
+    with pytest.raises(KeyError, match="predict_action"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path / "head" / "peft")
+
+
 def redistributed_eva_weights(model: torch.nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
     """EVA components as rank redistribution (rho > 1) leaves them: ranks 2, 6, 0, then r."""
     weights = random_eva_weights(model, rank)
@@ -276,11 +321,47 @@ def test_adalora_options_reach_peft_and_scale_the_penalty() -> None:
     assert methods.AdaLoraOptions(warmup_fraction=0.7).schedule(90) == (63, 18)  # rounded, not truncated
 
 
+def test_adalora_penalty_is_the_one_peft_adds_to_a_loss(monkeypatch) -> None:
+    """regularization_loss mirrors AdaLoraModel.forward's orth_reg, which PEFT only adds to an
+    output carrying `.loss`: give the DT's output one (0) and PEFT's sum is the penalty alone."""
+    from types import SimpleNamespace
+
+    model = adapted("adalora", rank=2, total_steps=40, adalora=methods.AdaLoraOptions(orth_reg_weight=0.3))
+    perturb_adapter(model)
+    dt = model.base_model.model
+    monkeypatch.setattr(dt, "forward", lambda *a, **kw: SimpleNamespace(loss=torch.zeros(())))
+    peft_penalty = model.base_model(**make_batch()).loss
+    ours = methods.regularization_loss(model)
+    assert float(ours) > 0.0
+    assert torch.allclose(ours, peft_penalty, rtol=1e-5)
+
+
+def _adalora_steps(model: torch.nn.Module, hook, steps: range) -> None:
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in steps:
+        optimizer.zero_grad()
+        actions_of(model, make_batch(step)).square().mean().backward()
+        optimizer.step()
+        hook(step)
+
+
 def test_hook_state_round_trips() -> None:
-    model = adapted("adalora", rank=2, total_steps=10)
+    """A resumed run's schedule carries on from the saved importance averages and rank pattern."""
+    model = adapted("adalora", rank=2, total_steps=12)
     hook = methods.step_hook(model)
+    _adalora_steps(model, hook, range(1, 8))  # past tinit: pruning has started
     state = hook.state_dict()
-    hook.load_state_dict(state)
+    assert state["ipt"] and state["rank_pattern"]
+    fresh = adapted("adalora", rank=2, total_steps=12)
+    fresh.load_state_dict(model.state_dict())
+    restored = methods.step_hook(fresh)
+    restored.load_state_dict(state)
+    again = restored.state_dict()
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc", "rank_pattern"):
+        assert again[key].keys() == state[key].keys()
+        assert all(torch.equal(again[key][k], state[key][k]) for k in state[key])
+    assert methods.adalora_ranks(fresh) == methods.adalora_ranks(model)
 
 
 def test_bad_input_is_reported_before_any_work() -> None:

@@ -453,8 +453,10 @@ def step_hook(policy_or_model: nn.Module) -> AdaLoraSchedule | None:
 def regularization_loss(policy_or_model: nn.Module) -> torch.Tensor | None:
     """AdaLoRA's orthogonality penalty on P and Q (weight included), or None for other methods.
 
-    PEFT adds it only to outputs with a `.loss`, which the DT does not return, so the training
-    loss adds it here.
+    This mirrors PEFT's own, the `orth_reg` that `peft.tuners.adalora.AdaLoraModel.forward` adds
+    to `outputs.loss`: mean over lora_A (P P^T) and lora_B (Q^T Q) of ||cov - I||_F, times
+    orth_reg_weight. PEFT adds it only to outputs with a `.loss`, which the DT does not return,
+    so the training loss adds it here.
     """
     model = _model_of(policy_or_model)
     if not get_method(adapter_info(model).method).uses_rank_schedule:
@@ -512,7 +514,14 @@ def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, ex
 
 
 def _save_as_plain_lora(model: PeftModel, info: AdapterInfo, directory: Path) -> None:
-    """Save a residual-base adapter (pissa/olora) as a LoRA on the original weights."""
+    """Save a residual-base adapter (pissa/olora) as a LoRA on the original weights.
+
+    The same conversion as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`
+    (tests check the tensors agree), done here because PEFT's keeps only lora_A/lora_B: the
+    weights of `modules_to_save` (e.g. a retrained action head) are dropped from the file, which
+    then fails to load. PEFT's also needs the initial adapter written to disk and loaded back
+    into the live model as a second adapter; the initial tensors are already in memory here.
+    """
     assert info.initial_lora is not None
     state = get_peft_model_state_dict(model)
     converted = {}
