@@ -414,6 +414,25 @@ def _saved_adapter(tmp_path):
     return policy.eval()
 
 
+@pytest.mark.parametrize("method", ["eva", "eva_dora"])
+def test_eva_adapter_with_redistributed_ranks_loads_with_load_policy(method: str, tmp_path) -> None:
+    _policy().save_pretrained(tmp_path / "base")
+    policy = load_policy(tmp_path / "base")
+    weights = random_eva_weights(policy.model, 4)
+    names = list(weights)
+    weights[names[0]], weights[names[1]] = weights[names[0]][:0], torch.linalg.qr(torch.randn(32, 6))[0].T
+    apply_method(policy, method, rank=4, eva_weights=weights)
+    perturb_adapter(policy)
+    methods.save_adapter(policy, tmp_path / "adapter", extra={"checkpoint": str(tmp_path / "base")})
+    batch = make_batch()
+    with torch.no_grad():
+        expected = policy.eval()(batch)
+        loaded = load_policy(tmp_path / "adapter")
+        assert torch.allclose(loaded(batch), expected, atol=1e-6)
+    assert not hasattr(loaded.model.base_model.model.get_submodule(names[0]), "lora_A")
+    assert loaded.model.base_model.model.get_submodule(names[1]).r["default"] == 6
+
+
 def test_peft_on_a_policy_either_loads_the_adapter_or_names_load_policy(tmp_path) -> None:
     """README's route, PeftModel.from_pretrained, on the obvious object must never give the base
     policy with only a warning."""
