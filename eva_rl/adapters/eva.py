@@ -504,7 +504,6 @@ def _group_identical(stats: Mapping[str, _LayerStatistics], names: Sequence[str]
 
 
 # --- PEFT's EVA: the reference backend, on PEFT internals ----------------------------------------
-# Everything that touches PEFT's EVA is in `_peft_backend` below; the native path never imports it.
 PEFT_EVA_TESTED = "0.21"  # the peft release whose EVA internals `_peft_backend` was tested against
 
 
