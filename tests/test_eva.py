@@ -183,6 +183,14 @@ def test_native_and_peft_backends_agree_on_a_tiny_dt() -> None:
     assert sum(rn2.ranks.values()) == 2 * len(rn2.ranks)
 
 
+def test_peft_backend_names_the_native_one_when_peft_internals_are_gone(monkeypatch) -> None:
+    import peft.tuners.lora.eva
+
+    monkeypatch.delattr(peft.tuners.lora.eva, "SVDHook")
+    with pytest.raises(RuntimeError, match=r"backend 'peft' relies on internals .* use eva.backend: native"):
+        eva_state_dict(tiny_dt(), make_batches(3), rank=2, max_batches=3, backend="peft")
+
+
 def test_batch_cap_ends_peft_and_reports_what_did_not_converge() -> None:
     model = tiny_dt()
     batches = make_batches(3)

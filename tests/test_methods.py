@@ -129,7 +129,7 @@ def test_peft_olora_alone_is_wrong_on_conv1d() -> None:
         actions_of(model, make_batch())
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "olora", "eva", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "olora", "eva", "eva_dora", "adalora"])
 def test_saved_adapter_loads_with_peft_and_merges_to_the_same_outputs(method: str, tmp_path) -> None:
     batch = make_batch()
     model = adapted(method)
@@ -149,20 +149,136 @@ def test_saved_adapter_loads_with_peft_and_merges_to_the_same_outputs(method: st
     assert isinstance(model, PeftModel)  # merging worked on a copy
 
 
-def test_eva_ranks_and_alpha_follow_the_given_components() -> None:
-    model = tiny_model()
-    weights = random_eva_weights(model, 4)
+def _peft_converted_adapter(model: PeftModel, directory) -> dict[str, torch.Tensor]:
+    """PEFT's own pissa/olora -> LoRA conversion: the initial adapter written first (its config
+    with init_lora_weights=True, as PEFT's docs say), then save_pretrained converts against it."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.init_lora_weights = True
+    config.save_pretrained(str(directory / "initial"))
+    save_file({k: v.contiguous() for k, v in methods.adapter_info(model).initial_lora.items()},
+              str(directory / "initial" / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(directory / "peft"), path_initial_model_for_weight_conversion=str(directory / "initial"))
+    return load_file(str(directory / "peft" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_residual_adapters_save_as_peft_converts_them_and_keep_modules_to_save(method: str, tmp_path) -> None:
+    """save_adapter writes what PEFT's path_initial_model_for_weight_conversion writes, and also
+    the modules_to_save weights, which PEFT's conversion drops (its file then does not load)."""
+    from safetensors.torch import load_file
+
+    model = adapted(method)
+    perturb_adapter(model)
+    methods.save_adapter(model, tmp_path / "ours")
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    peft_made = _peft_converted_adapter(model, tmp_path)
+    assert ours.keys() == peft_made.keys()
+    assert all(torch.equal(ours[k], peft_made[k]) for k in ours)
+
+    model = adapted(method, modules_to_save=("predict_action",))
+    perturb_adapter(model)
+    model.eval()
+    expected = actions_of(model, make_batch())
+    methods.save_adapter(model, tmp_path / "ours_head")
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "ours_head").eval()
+    assert torch.allclose(actions_of(loaded, make_batch()), expected, atol=1e-5)
+    peft_made = _peft_converted_adapter(model, tmp_path / "head")
+    assert not [k for k in peft_made if "predict_action" in k]
+    with pytest.raises(KeyError, match="predict_action"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path / "head" / "peft")
+
+
+def redistributed_eva_weights(model: torch.nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
+    """EVA components as rank redistribution (rho > 1) leaves them: ranks 2, 6, 0, then r."""
+    weights = random_eva_weights(model, rank)
     names = list(weights)
-    weights[names[0]] = weights[names[0]][:2]  # redistributed: 2, 6, 0, 4, ...
+    weights[names[0]] = weights[names[0]][:2]
     weights[names[1]] = torch.linalg.qr(torch.randn(16, 6))[0].T
     weights[names[2]] = weights[names[2]][:0]
-    peft_model = apply_method(model, "eva", rank=4, alpha=8.0, eva_weights=weights)
+    return weights
+
+
+@pytest.mark.parametrize("method", ["eva", "eva_dora"])
+def test_eva_ranks_and_alpha_follow_the_given_components(method: str) -> None:
+    model = tiny_model()
+    weights = redistributed_eva_weights(model)
+    names = list(weights)
+    batch = make_batch()
+    reference = actions_of(model, batch)
+    peft_model = apply_method(model, method, rank=4, alpha=8.0, eva_weights=weights)
     info = methods.adapter_info(peft_model)
     assert info.ranks[names[0]] == 2 and info.ranks[names[1]] == 6 and info.ranks[names[2]] == 0
-    layer0 = peft_model.base_model.model.get_submodule(names[0])
-    assert layer0.scaling["default"] == pytest.approx(2.0)  # alpha / r kept at 8 / 4
-    assert torch.allclose(layer0.lora_A["default"].weight, weights[names[0]])
+    assert all(info.ranks[n] == 4 for n in names[3:])
+    for name in (names[0], names[1], names[3]):
+        layer = peft_model.base_model.model.get_submodule(name)
+        assert layer.scaling["default"] == pytest.approx(2.0)  # alpha / r kept at 8 / 4
+        assert torch.equal(layer.lora_A["default"].weight, weights[name])
+        assert not layer.lora_B["default"].weight.any()
     assert not hasattr(peft_model.base_model.model.get_submodule(names[2]), "lora_A")  # rank 0: no adapter
+    config = peft_model.peft_config["default"]
+    assert config.rank_pattern == {names[0]: 2, names[1]: 6}
+    assert config.alpha_pattern == {names[0]: 4.0, names[1]: 12.0}
+    assert set(config.target_modules) == set(names) - {names[2]}
+    assert torch.allclose(actions_of(peft_model, batch), reference, atol=1e-5)
+    if method == "eva_dora":  # the magnitude of W + scaling B A with B = 0: the base weight's column norms
+        layer = peft_model.base_model.model.get_submodule(names[1])
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        assert torch.allclose(magnitude, layer.get_base_layer().weight.T.norm(dim=1), atol=1e-6)
+
+
+def deep_model(n_layer: int = 6) -> DecisionTransformerModel:
+    """24 target matrices: enough for PEFT to shorten target_modules to suffixes (it does from 20)."""
+    torch.manual_seed(0)
+    config = DecisionTransformerConfig(state_dim=STATE, act_dim=ACT, hidden_size=16, n_layer=n_layer, n_head=2,
+                                       max_ep_len=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return DecisionTransformerModel(config).eval()
+
+
+@pytest.mark.parametrize("method", ["eva", "eva_dora"])
+def test_eva_rank_zero_layers_stay_bare_when_the_adapter_is_loaded(method: str, tmp_path) -> None:
+    batch = make_batch()
+    weights = redistributed_eva_weights(deep_model())
+    dropped = list(weights)[2]
+    model = apply_method(deep_model(), method, rank=4, alpha=8.0, eva_weights=weights)
+    perturb_adapter(model)
+    model.eval()
+    expected = actions_of(model, batch)
+    methods.save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(deep_model(), tmp_path / "adapter").eval()
+    assert not [w for w in caught if "keys" in str(w.message)]  # no missing or unexpected adapter keys
+    assert not hasattr(loaded.base_model.model.get_submodule(dropped), "lora_A")
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) == \
+        sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert torch.allclose(actions_of(loaded, batch), expected, atol=1e-5)
+
+
+def test_peft_eva_loader_alone_re_adapts_a_dropped_layer_on_load(tmp_path) -> None:
+    """Why _eva_init rewrites target_modules: PEFT's loader shortens 20+ targets to suffixes
+    ("c_attn") without counting the rank-0 layers it dropped, so loading the saved adapter puts
+    an adapter (random A, B = 0) back on them."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+
+    weights = redistributed_eva_weights(deep_model())
+    dropped = list(weights)[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(deep_model(), LoraConfig(r=4, lora_alpha=8, target_modules=list(weights),
+                                                        init_lora_weights="eva", fan_in_fan_out=True))
+        peft.initialize_lora_eva_weights(model, eva_state_dict={"base_model.model." + k: v for k, v in weights.items()},
+                                         show_progress_bar=False)
+        assert not hasattr(model.base_model.model.get_submodule(dropped), "lora_A")
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(deep_model(), tmp_path / "adapter")
+    assert hasattr(loaded.base_model.model.get_submodule(dropped), "lora_A")
 
 
 def test_adalora_ranks_shrink_when_the_loop_calls_the_step_hook() -> None:
@@ -205,11 +321,47 @@ def test_adalora_options_reach_peft_and_scale_the_penalty() -> None:
     assert methods.AdaLoraOptions(warmup_fraction=0.7).schedule(90) == (63, 18)  # rounded, not truncated
 
 
+def test_adalora_penalty_is_the_one_peft_adds_to_a_loss(monkeypatch) -> None:
+    """regularization_loss mirrors AdaLoraModel.forward's orth_reg, which PEFT only adds to an
+    output carrying `.loss`: give the DT's output one (0) and PEFT's sum is the penalty alone."""
+    from types import SimpleNamespace
+
+    model = adapted("adalora", rank=2, total_steps=40, adalora=methods.AdaLoraOptions(orth_reg_weight=0.3))
+    perturb_adapter(model)
+    dt = model.base_model.model
+    monkeypatch.setattr(dt, "forward", lambda *a, **kw: SimpleNamespace(loss=torch.zeros(())))
+    peft_penalty = model.base_model(**make_batch()).loss
+    ours = methods.regularization_loss(model)
+    assert float(ours) > 0.0
+    assert torch.allclose(ours, peft_penalty, rtol=1e-5)
+
+
+def _adalora_steps(model: torch.nn.Module, hook, steps: range) -> None:
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in steps:
+        optimizer.zero_grad()
+        actions_of(model, make_batch(step)).square().mean().backward()
+        optimizer.step()
+        hook(step)
+
+
 def test_hook_state_round_trips() -> None:
-    model = adapted("adalora", rank=2, total_steps=10)
+    """A resumed run's schedule carries on from the saved importance averages and rank pattern."""
+    model = adapted("adalora", rank=2, total_steps=12)
     hook = methods.step_hook(model)
+    _adalora_steps(model, hook, range(1, 8))  # past tinit: pruning has started
     state = hook.state_dict()
-    hook.load_state_dict(state)
+    assert state["ipt"] and state["rank_pattern"]
+    fresh = adapted("adalora", rank=2, total_steps=12)
+    fresh.load_state_dict(model.state_dict())
+    restored = methods.step_hook(fresh)
+    restored.load_state_dict(state)
+    again = restored.state_dict()
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc", "rank_pattern"):
+        assert again[key].keys() == state[key].keys()
+        assert all(torch.equal(again[key][k], state[key][k]) for k in state[key])
+    assert methods.adalora_ranks(fresh) == methods.adalora_ranks(model)
 
 
 def test_bad_input_is_reported_before_any_work() -> None:
@@ -260,6 +412,25 @@ def _saved_adapter(tmp_path):
     perturb_adapter(policy)
     methods.save_adapter(policy, tmp_path / "adapter", extra={"checkpoint": str(tmp_path / "base")})
     return policy.eval()
+
+
+@pytest.mark.parametrize("method", ["eva", "eva_dora"])
+def test_eva_adapter_with_redistributed_ranks_loads_with_load_policy(method: str, tmp_path) -> None:
+    _policy().save_pretrained(tmp_path / "base")
+    policy = load_policy(tmp_path / "base")
+    weights = random_eva_weights(policy.model, 4)
+    names = list(weights)
+    weights[names[0]], weights[names[1]] = weights[names[0]][:0], torch.linalg.qr(torch.randn(32, 6))[0].T
+    apply_method(policy, method, rank=4, eva_weights=weights)
+    perturb_adapter(policy)
+    methods.save_adapter(policy, tmp_path / "adapter", extra={"checkpoint": str(tmp_path / "base")})
+    batch = make_batch()
+    with torch.no_grad():
+        expected = policy.eval()(batch)
+        loaded = load_policy(tmp_path / "adapter")
+        assert torch.allclose(loaded(batch), expected, atol=1e-6)
+    assert not hasattr(loaded.model.base_model.model.get_submodule(names[0]), "lora_A")
+    assert loaded.model.base_model.model.get_submodule(names[1]).r["default"] == 6
 
 
 def test_peft_on_a_policy_either_loads_the_adapter_or_names_load_policy(tmp_path) -> None:

@@ -24,7 +24,9 @@ block that still has an unconverged matrix. Matrices whose inputs are identical 
 same values) share one computation.
 
 The `peft` backend runs PEFT's `get_eva_state_dict` with DT token masks and a batch cap; it is
-the reference in tests and benchmarks.
+the reference in tests and benchmarks. It relies on PEFT internals (as of peft PEFT_EVA_TESTED),
+all of them inside `_peft_backend` and its helper at the end of this file. Whichever backend
+computes A, `methods.apply_method` loads it with PEFT's public `initialize_lora_eva_weights`.
 """
 
 from __future__ import annotations
@@ -501,20 +503,27 @@ def _group_identical(stats: Mapping[str, _LayerStatistics], names: Sequence[str]
     return shared
 
 
-# --- PEFT's EVA as a backend ------------------------------------------------------------------------
+# --- PEFT's EVA: the reference backend, on PEFT internals ----------------------------------------
+PEFT_EVA_TESTED = "0.21"  # the peft release whose EVA internals `_peft_backend` was tested against
+
 
 def _peft_backend(model: nn.Module, dt: nn.Module, names: Sequence[str], batches: Iterator[dict], *, rank: int,
                   rho: float, tau: float, tokens: tuple[str, ...], components: int, max_batches: int,
                   eigh_max_width: int) -> tuple[dict[str, torch.Tensor], EvaReport]:
     """PEFT's get_eva_state_dict with DT token masks, a batch cap, and DT-relative key names.
 
-    PEFT cycles its dataloader until every layer converges (forever if one never does); here the
-    forward function counts batches and, at the cap, marks every remaining component converged
-    (recording which were not) so that PEFT's loop ends.
+    The reference the native backend is checked against (tests/test_eva.py, bench/eva_init.py),
+    and `eva.backend: peft`. Its inputs go through PEFT's public arguments (forward_fn,
+    prepare_model_inputs_fn, prepare_layer_inputs_fn); the batch cap and the report rely on PEFT
+    internals, as of peft PEFT_EVA_TESTED (see `_CappedSvdForward`). A PEFT release without them
+    gets an error naming the native backend.
     """
     from peft import EvaConfig, LoraConfig
-    from peft.tuners.lora.eva import SVDHook, get_eva_state_dict
 
+    try:
+        from peft.tuners.lora.eva import SVDHook, get_eva_state_dict
+    except ImportError as exc:
+        raise _peft_internals_changed(exc) from exc
     batch_list = list(batches)
     if not batch_list:
         raise ValueError("EVA got no batches; pass an iterable of TrajectoryDataset.sample batches.")
@@ -523,10 +532,6 @@ def _peft_backend(model: nn.Module, dt: nn.Module, names: Sequence[str], batches
     prefix = prefix + "." if prefix else ""
     config = LoraConfig(r=rank, target_modules=[prefix + n for n in names], init_lora_weights="eva",
                         eva_config=EvaConfig(rho=rho, tau=tau, use_label_mask=False))
-    svd_hooks: dict[str, Any] = {}
-    counts = {"svd_forwards": 0}
-    seen: dict[str, int] = {}
-    unconverged_at_cap: set[str] = set()
 
     def prepare_model_inputs(inputs: Mapping[str, torch.Tensor], peft_config: Any) -> torch.Tensor:
         return token_mask(inputs["attention_mask"], tokens).reshape(-1)  # (B * 3K,) bool
@@ -535,42 +540,71 @@ def _peft_backend(model: nn.Module, dt: nn.Module, names: Sequence[str], batches
         x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
         return x.reshape(-1, x.shape[-1])[mask]
 
-    def forward(model_: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
-        hooked = {}
-        for name, module in model_.named_modules():
-            for hook in module._forward_hooks.values():
-                if isinstance(hook, SVDHook):
-                    hooked[name] = hook
-        _dt_forward(model_, inputs)
-        if not hooked:
-            return  # PEFT's first pass only hashes the inputs
-        counts["svd_forwards"] += 1
-        for name, hook in hooked.items():
-            svd_hooks[name] = hook
-            seen[name] = seen.get(name, 0) + 1
-        if counts["svd_forwards"] >= max_batches:
-            for name, hook in svd_hooks.items():
-                if not bool(hook.converged.all()):
-                    unconverged_at_cap.add(name)
-                hook.converged = torch.ones_like(hook.converged)
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is initialized.*")
-        raw = get_eva_state_dict(model, batch_list, peft_config=config, forward_fn=forward,
-                                 prepare_model_inputs_fn=prepare_model_inputs,
-                                 prepare_layer_inputs_fn=prepare_layer_inputs, show_progress_bar=False)
+    forward = _CappedSvdForward(SVDHook, max_batches)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is initialized.*")
+            raw = get_eva_state_dict(model, batch_list, peft_config=config, forward_fn=forward,
+                                     prepare_model_inputs_fn=prepare_model_inputs,
+                                     prepare_layer_inputs_fn=prepare_layer_inputs, show_progress_bar=False)
+        layers = {n: forward.summary(prefix + n, components) for n in names}
+    except AttributeError as exc:  # an SVDHook without converged / svd
+        raise _peft_internals_changed(exc) from exc
     weights = {name.removeprefix(prefix): a.float().cpu().contiguous() for name, a in raw.items()}
-    ranks = {n: int(weights[n].shape[0]) for n in names}
-    explained = {}
-    for n in names:
-        hook = svd_hooks.get(prefix + n)
-        explained[n] = [float(v) for v in hook.svd.explained_variance_ratio_[:components]] if hook is not None else []
     report = EvaReport(
-        backend="peft", rank=rank, rho=rho, tau=tau, tokens=tokens, ranks=ranks, explained_variance_ratio=explained,
-        batches={n: seen.get(prefix + n, 0) for n in names},
-        converged={n: (prefix + n) not in unconverged_at_cap for n in names},
-        batches_total=counts["svd_forwards"], tokens_seen={n: int(getattr(svd_hooks[prefix + n].svd, "n_samples_seen_", 0))
-                                                            if prefix + n in svd_hooks else 0 for n in names},
+        backend="peft", rank=rank, rho=rho, tau=tau, tokens=tokens, ranks={n: int(weights[n].shape[0]) for n in names},
+        explained_variance_ratio={n: layers[n]["explained"] for n in names},
+        batches={n: layers[n]["batches"] for n in names}, converged={n: layers[n]["converged"] for n in names},
+        batches_total=forward.svd_forwards, tokens_seen={n: layers[n]["tokens"] for n in names},
         shared_inputs={}, seconds=0.0,
     )
     return weights, report
+
+
+class _CappedSvdForward:
+    """PEFT's forward_fn, plus a batch cap and per-layer bookkeeping, on PEFT's EVA internals.
+
+    PEFT cycles its dataloader until every layer converges (forever if one never does). Each
+    call finds the `SVDHook`s PEFT registered (in torch's `_forward_hooks`), counts the batches
+    they see and, at the cap, sets every hook's `converged` flags (recording which were not) so
+    that PEFT's loop ends. `summary` reads a hook's incremental PCA (`svd.explained_variance_ratio_`,
+    `svd.n_samples_seen_`).
+    """
+
+    def __init__(self, hook_type: type, max_batches: int) -> None:
+        self.hook_type, self.max_batches = hook_type, max_batches
+        self.svd_forwards = 0
+        self.hooks: dict[str, Any] = {}  # module name (as in the model PEFT was given) -> SVDHook
+        self.seen: dict[str, int] = {}  # module name -> batches its hook saw
+        self.unconverged_at_cap: set[str] = set()
+
+    def __call__(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
+        hooked = {name: hook for name, module in model.named_modules()
+                  for hook in module._forward_hooks.values() if isinstance(hook, self.hook_type)}
+        _dt_forward(model, inputs)
+        if not hooked:
+            return  # PEFT's first pass only hashes the inputs
+        self.svd_forwards += 1
+        for name, hook in hooked.items():
+            self.hooks[name] = hook
+            self.seen[name] = self.seen.get(name, 0) + 1
+        if self.svd_forwards >= self.max_batches:
+            for name, hook in self.hooks.items():
+                if not bool(hook.converged.all()):
+                    self.unconverged_at_cap.add(name)
+                hook.converged = torch.ones_like(hook.converged)
+
+    def summary(self, name: str, components: int) -> dict[str, Any]:
+        """explained (ratios of the first `components`), batches, converged, tokens of one layer."""
+        hook = self.hooks.get(name)
+        return {"explained": [float(v) for v in hook.svd.explained_variance_ratio_[:components]] if hook is not None else [],
+                "batches": self.seen.get(name, 0), "converged": name not in self.unconverged_at_cap,
+                "tokens": int(getattr(hook.svd, "n_samples_seen_", 0)) if hook is not None else 0}
+
+
+def _peft_internals_changed(exc: Exception) -> RuntimeError:
+    import peft
+
+    return RuntimeError(f"EVA backend 'peft' relies on internals of PEFT's EVA (peft.tuners.lora.eva.SVDHook) as of "
+                        f"peft {PEFT_EVA_TESTED}, which peft {peft.__version__} does not have ({exc}); use "
+                        f"eva.backend: native (backend='native'), or a peft with the tested internals.")

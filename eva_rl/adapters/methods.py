@@ -165,30 +165,24 @@ def _lora_config(options: MethodOptions, **kw: Any) -> LoraConfig:
 
 
 def _eva_config(options: MethodOptions, use_dora: bool) -> LoraConfig:
+    """Uniform rank r on every target; `_eva_init` then hands EVA's components to PEFT, which sets
+    each layer's rank and alpha from them."""
     if options.eva_weights is None:
         raise ValueError(
             "Method 'eva' needs the EVA components: compute them with "
             "eva_rl.adapters.eva.eva_state_dict(model, batches, rank=...) and pass eva_weights=..."
         )
     missing = [name for name in options.target_modules if name not in options.eva_weights]
-    if missing:  # else those matrices would silently get no adapter
+    if missing:  # else those matrices would get PEFT's plain LoRA init with only a warning
         raise ValueError(
             f"eva_weights has no components for {', '.join(missing)}; compute them with eva_state_dict(..., "
             f"target_modules=...) for the same target_modules as apply_method."
         )
-    ranks = {name: int(options.eva_weights[name].shape[0]) for name in options.target_modules}
-    kept = [name for name in options.target_modules if ranks.get(name, 0) > 0]
-    if not kept:
+    if all(options.eva_weights[name].shape[0] == 0 for name in options.target_modules):
         raise ValueError("EVA assigned rank 0 to every target module; raise the rank or lower rho.")
-    # alpha / r stays what the user set on every layer, whatever rank EVA gave it.
-    return LoraConfig(
-        r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-        target_modules=kept, fan_in_fan_out=True, init_lora_weights="eva", use_dora=use_dora,
-        eva_config=peft.EvaConfig(rho=1.0),  # A comes from eva.py; this only silences PEFT's default notice
-        rank_pattern={name: ranks[name] for name in kept if ranks[name] != options.rank},
-        alpha_pattern={name: options.alpha * ranks[name] / options.rank for name in kept if ranks[name] != options.rank},
-        modules_to_save=list(options.modules_to_save) or None,
-    )
+    return _lora_config(options, init_lora_weights="eva", use_dora=use_dora,
+                        # alpha * rank_i / r on a layer EVA gave rank_i, so alpha / r stays what the user set
+                        eva_config=peft.EvaConfig(adjust_scaling_factors=True))
 
 
 def _adalora_config(options: MethodOptions) -> AdaLoraConfig:
@@ -234,13 +228,23 @@ def _olora_init(model: PeftModel, options: MethodOptions) -> None:
 
 @torch.no_grad()
 def _eva_init(model: PeftModel, options: MethodOptions) -> None:
-    """Write EVA's components into lora_A (B is already 0)."""
+    """Load EVA's components (eva.eva_state_dict) into the LoRA layers with PEFT's own loader.
+
+    PEFT gives each layer the rank of its A (alpha scaled with it), writes A (B stays 0), and
+    puts the base layer back where the rank is 0. The layers were built on the meta device
+    (`get_peft_model(low_cpu_mem_usage=True)`), so each is materialised once, at its final rank.
+    """
     assert options.eva_weights is not None
     prefix = "base_model.model."
-    for name, layer in _lora_layers(model):
-        key = name[len(prefix):] if name.startswith(prefix) else name
-        a = options.eva_weights[key]
-        layer.lora_A["default"].weight.copy_(a.to(layer.lora_A["default"].weight))
+    # PEFT pops the entries it loads: hand it a dict of its own, keyed by PeftModel module names.
+    components = {prefix + name: options.eva_weights[name] for name in options.target_modules}
+    peft.initialize_lora_eva_weights(model, eva_state_dict=components, show_progress_bar=False)
+    # PEFT shortens 20 or more target names to suffixes that set them apart from the model's other
+    # modules, but leaves the rank-0 layers it dropped out of those others: a suffix such as
+    # "c_attn" would then re-create an adapter on them when the saved adapter is loaded. The exact
+    # names of the layers that kept an adapter cannot match anything else.
+    model.peft_config["default"].target_modules = {
+        name for name in options.target_modules if options.eva_weights[name].shape[0] > 0}
 
 
 register_method(MethodSpec("fft", "full fine-tuning: every parameter trains", None))
@@ -377,7 +381,8 @@ def apply_method(
         config = spec.build_config(options)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(eva initialization|fan_in_fan_out|r` is not used|is_gradient_checkpointing).*")
-            adapted = get_peft_model(model, config)
+            # EVA's init gives each layer its own rank: built on the meta device, each is made once
+            adapted = get_peft_model(model, config, low_cpu_mem_usage=spec.needs_eva)
         if spec.init is not None:
             spec.init(adapted, options)
         ranks = {n: 0 for n in names}
@@ -448,8 +453,10 @@ def step_hook(policy_or_model: nn.Module) -> AdaLoraSchedule | None:
 def regularization_loss(policy_or_model: nn.Module) -> torch.Tensor | None:
     """AdaLoRA's orthogonality penalty on P and Q (weight included), or None for other methods.
 
-    PEFT adds it only to outputs with a `.loss`, which the DT does not return, so the training
-    loss adds it here.
+    This mirrors PEFT's own, the `orth_reg` that `peft.tuners.adalora.AdaLoraModel.forward` adds
+    to `outputs.loss`: mean over lora_A (P P^T) and lora_B (Q^T Q) of ||cov - I||_F, times
+    orth_reg_weight. PEFT adds it only to outputs with a `.loss`, which the DT does not return,
+    so the training loss adds it here.
     """
     model = _model_of(policy_or_model)
     if not get_method(adapter_info(model).method).uses_rank_schedule:
@@ -507,7 +514,14 @@ def save_adapter(policy_or_model: nn.Module, directory: str | os.PathLike, *, ex
 
 
 def _save_as_plain_lora(model: PeftModel, info: AdapterInfo, directory: Path) -> None:
-    """Save a residual-base adapter (pissa/olora) as a LoRA on the original weights."""
+    """Save a residual-base adapter (pissa/olora) as a LoRA on the original weights.
+
+    The same conversion as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`
+    (tests check the tensors agree), done here because PEFT's keeps only lora_A/lora_B: the
+    weights of `modules_to_save` (e.g. a retrained action head) are dropped from the file, which
+    then fails to load. PEFT's also needs the initial adapter written to disk and loaded back
+    into the live model as a second adapter; the initial tensors are already in memory here.
+    """
     assert info.initial_lora is not None
     state = get_peft_model_state_dict(model)
     converted = {}
