@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.experiment import ExperimentConfig, FinetuneStage, config_path, expand_grid, is_done, load_experiment, run_name
+from eva_rl.experiment import ExperimentConfig, FinetuneStage, config_path, expand_grid, load_experiment, run_name
+from eva_rl.rundir import is_finished
 
 def test_grid_expansion_and_names() -> None:
     stage = FinetuneStage(tasks=("task-a", "task-b"), methods=("fft", "lora", "eva"), ranks=(4, 8), seeds=(0, 1),
@@ -113,7 +114,7 @@ def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
     config = load_experiment(None, [f"{key}={json.dumps(value)}" for key, value in grid.items()])
     result = run_experiment(config, workers=2, progress=False)
     assert [r.status for r in result.runs] == ["done", "done"], [r.error for r in result.runs]
-    assert (tmp_path / "pretrain" / "model").is_dir() and is_done(tmp_path / "pretrain")
+    assert (tmp_path / "pretrain" / "model").is_dir() and is_finished(tmp_path / "pretrain")
     eva = tmp_path / "runs" / "push-v3" / "eva-r2-s0"
     metrics = json.loads((eva / "metrics.json").read_text())
     assert metrics["kind"] == "finetune" and metrics["method"] == "eva" and metrics["final"]["success_rate"] is not None

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.jobs import Job, is_done, process_alive, process_start, run_jobs
+from eva_rl.jobs import Job, process_alive, process_start, run_jobs
+from eva_rl.rundir import is_finished
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -45,7 +46,7 @@ def test_failed_run_is_recorded_and_others_finish_then_rerun_skips(tmp_path: Pat
     jobs = jobs_in(tmp_path, {"a": {"steps": 3}, "b": {"steps": 2, "fail": True}, "c": {"steps": 1}})
     results = run_jobs(jobs, tiny_run, workers=2, label="grid")
     assert [(r.name, r.status) for r in results] == [("a", "done"), ("b", "failed"), ("c", "done")]
-    assert is_done(tmp_path / "a") and not (tmp_path / "b" / "done").exists()
+    assert is_finished(tmp_path / "a") and not is_finished(tmp_path / "b")
     assert "RuntimeError: boom" in (tmp_path / "b" / "error.txt").read_text()
     assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "failed"
     assert "starting at step 0" in (tmp_path / "a" / "log.txt").read_text()
@@ -141,7 +142,7 @@ def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
         (tmp_path / "a" / "run.json").write_text(json.dumps({**recorded, "pid_started": "1"}))
         [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
         assert result.status == "done"
-        (tmp_path / "a" / "done").unlink()
+        (tmp_path / "a" / "metrics.json").unlink()  # unfinished again, claimed by a process about to be killed
         (tmp_path / "a" / "run.json").write_text(json.dumps(recorded))
     finally:
         other.kill()

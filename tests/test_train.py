@@ -16,6 +16,7 @@ import torch
 
 from eva_rl.config import load_config
 from eva_rl.data.trajectories import TrajectoryDataset
+from eva_rl import storage
 from eva_rl.checkpoint import find_checkpoint, save_checkpoint
 from eva_rl.train import (RunInfo, TrainConfig, build_policy, evaluation_steps, lr_factor, parameter_groups,
                           train)
@@ -213,10 +214,14 @@ def test_checkpoint_is_atomic_and_last_good_one_loads(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000009"]
     assert (checkpoints / "latest").read_text().strip() == "step_00000009"
-    # a crash while writing step 12: its temp dir holds half the files, nothing else changed
-    crashed = checkpoints / ".tmp-step_00000012-999"
-    crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"half")
+    # a killed writer's temp dirs hold half the files, nothing else changed: one of a step the run
+    # never saves again (storage's naming: writer pid and host) and one of eva-rl 0.1 (.tmp-*)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    crashed = [checkpoints / f".step_00000099.{dead}-{storage._HOST}.x1y2", checkpoints / ".tmp-step_00000012-999"]
+    for path in crashed:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
     assert find_checkpoint(checkpoints) == checkpoints / "step_00000009"
     # a crash between the rename and the pointer, and a dir without its meta.json
     (checkpoints / "latest").write_text("step_00000099\n")
@@ -232,7 +237,7 @@ def test_checkpoint_is_atomic_and_last_good_one_loads(tmp_path):
     resumed = train(tiny_config(tmp_path, "keep_checkpoints=2", "checkpoint_every=3", "resume=true"),
                     policy=fresh_policy(config, dataset), dataset=dataset)
     assert_same_weights(straight.policy, resumed.policy)
-    assert not crashed.exists()
+    assert not any(path.exists() for path in crashed)
 
 
 def test_save_checkpoint_keeps_last_n(tmp_path):
@@ -249,7 +254,7 @@ def test_save_checkpoint_keeps_last_n(tmp_path):
     # re-saving a step replaces it whole, leaving no temp dir
     save_checkpoint(tmp_path, 5, torch.nn.Linear(2, 2), {"x": torch.ones(1)}, {"history": {}}, keep=2)
     assert torch.load(tmp_path / "step_00000005" / "trainer.pt")["x"].item() == 1.0
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dir, no journal
 
 
 def test_a_nan_update_stops_the_run_before_it_is_checkpointed(tmp_path):
