@@ -3,6 +3,7 @@ metrics.json, DDP with two CPU processes, config errors, and a tiny Meta-World p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -431,3 +432,54 @@ def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_dat
 
     model = DecisionTransformerModel.from_pretrained(out / "model")
     assert model.config.state_dim == 39 and model.config.act_dim == 4
+
+
+def _drop_from_checkpoints(run_dir: Path, *keys: str) -> None:
+    """Make every checkpoint's config look written by an older release that had not these keys yet."""
+    for meta_path in (run_dir / "checkpoints").glob("step_*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        for key in keys:
+            section = meta["config"]
+            *parents, leaf = key.split(".")
+            for part in parents:
+                section = section[part]
+            del section[leaf]
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_resume_from_a_checkpoint_saved_before_a_key_existed(tmp_path):
+    dataset = tiny_dataset()
+    straight_config = tiny_config(tmp_path / "straight")
+    straight = train(straight_config, policy=fresh_policy(straight_config, dataset), dataset=dataset)
+    config = tiny_config(tmp_path / "old")
+    with pytest.raises(Kill):
+        train(config, policy=fresh_policy(config, dataset), dataset=dataset, on_step=kill_at(8))
+    _drop_from_checkpoints(tmp_path / "old", "val_batches", "data.episodes_seed")
+    # absent and set to another value than the default: another config
+    with pytest.raises(ValueError, match=r"Cannot resume: .*val_batches: checkpoint unset, now 4\)"):
+        train(tiny_config(tmp_path / "old", "resume=true", "val_batches=4"), policy=fresh_policy(config, dataset),
+              dataset=dataset)
+    with pytest.raises(ValueError, match=r"data\.episodes_seed: checkpoint unset, now 7"):
+        train(tiny_config(tmp_path / "old", "resume=true", "data.episodes_seed=7"),
+              policy=fresh_policy(config, dataset), dataset=dataset)
+    # absent and at the default: the same run (data.episodes_seed at TrainConfig's None). The
+    # defaults are the caller's (fine-tuning's differ from TrainConfig's): where val_batches=4 is
+    # the default, 4 matches the checkpoint that lacks it (no validation split here, so the weights
+    # are the uninterrupted run's)
+    resumed = train(tiny_config(tmp_path / "old", "resume=true", "val_batches=4"), policy=fresh_policy(config, dataset),
+                    dataset=dataset, defaults=dataclasses.replace(TrainConfig(), val_batches=4))
+    assert_same_weights(straight.policy, resumed.policy)
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
+    dataset = tiny_dataset()
+    config = tiny_config(tmp_path, "steps=4", "checkpoint_every=0")
+    train(config, policy=fresh_policy(config, dataset), dataset=dataset)
+    before = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a finished run \(metrics.json\)\. Pass --resume"):
+        train(config, policy=fresh_policy(config, dataset), dataset=dataset)
+    with pytest.raises(FileExistsError, match="no checkpoint to resume from"):
+        train(tiny_config(tmp_path, "steps=4", "checkpoint_every=0", "resume=true"),
+              policy=fresh_policy(config, dataset), dataset=dataset)
+    assert (tmp_path / "metrics.json").read_text() == before
