@@ -27,7 +27,8 @@ from torch import nn
 
 from eva_rl import storage
 from eva_rl.distributed import Dist, barrier, gather
-from eva_rl.rundir import CHECKPOINT_PREFIX, check_same_config, complete_checkpoints, find_checkpoint  # noqa: F401
+from eva_rl.rundir import CHECKPOINT_PREFIX, check_same_config, complete_checkpoints
+from eva_rl.rundir import find_checkpoint  # noqa: F401 - where checkpoint readers have found it
 from eva_rl.storage import atomic_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
