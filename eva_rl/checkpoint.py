@@ -3,8 +3,10 @@
 A checkpoint is a directory `checkpoints/step_<n>/`:
     model.safetensors   the policy's weights (PEFT wrappers included)
     trainer.pt          optimizer, scheduler, every rank's RNG states and open log window, hook state
-    meta.json           step, metrics history, resolved config, world size (written last)
-`checkpoints/latest` names the newest one for people and tools; the loader does not need it.
+    meta.json           step, metrics history, resolved config, world size
+The directory is written whole through `storage.atomic_dir`, so a `step_<n>` name means a complete
+checkpoint (`eva_rl.rundir.find_checkpoint` finds the newest). `checkpoints/latest` names the
+newest one for people and tools; the loader does not need it.
 
 Resuming restores all of it, so a killed run continues to exactly the weights an uninterrupted
 run reaches (on CPU). A damaged newest checkpoint is skipped for the next older good one.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from eva_rl import storage
 from eva_rl.distributed import Dist, barrier, gather
-from eva_rl.storage import write_text_atomic
+from eva_rl.rundir import CHECKPOINT_PREFIX, check_same_config, complete_checkpoints
+from eva_rl.rundir import find_checkpoint  # noqa: F401 - where checkpoint readers have found it
+from eva_rl.storage import atomic_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
-# config keys a resumed run may change: how it is shown, and where the run dir is spelled from
-RESUME_FREE_KEYS = ("resume", "progress", "out_dir")
 
 
 @dataclass
@@ -58,35 +57,22 @@ def _step_dir(checkpoints: Path, step: int) -> Path:
 
 def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, trainer_state: dict, meta: dict,
                     keep: int) -> Path:
-    """Write checkpoint `step` atomically: a temp dir, fsynced files, a rename, then the `latest` pointer.
+    """Write checkpoint `step` through `storage.atomic_dir` (a temp dir, fsynced, swapped in whole),
+    then the `latest` pointer, then prune to the newest `keep` complete ones.
 
-    A crash at any point leaves either the previous checkpoints untouched or the new one complete;
-    a leftover temp dir is ignored by `find_checkpoint` and removed by the next save.
+    A crash at any point leaves the previous checkpoints untouched and the new one either complete
+    or absent (a re-save of a step swaps the old copy out in one step); a leftover temp dir is
+    ignored by `find_checkpoint` and removed by the next save.
     """
     from safetensors.torch import save_model
 
     checkpoints.mkdir(parents=True, exist_ok=True)
-    for leftover in checkpoints.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    recover_checkpoints(checkpoints)
     final = _step_dir(checkpoints, step)
-    tmp = checkpoints / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer.pt")
-    # meta.json is written last: a directory with it is complete.
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}))
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)  # the files' directory entries, before the dir gets its final name
-    replaced = None
-    if final.exists():  # a re-save of this step (resumed past a damaged copy): set it aside, not delete it first
-        replaced = checkpoints / f"{TMP_PREFIX}{final.name}-old-{os.getpid()}"
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    _fsync_dir(checkpoints)  # make the rename itself durable
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}))
     write_text_atomic(checkpoints / "latest", final.name + "\n")
     # Count only complete checkpoints: a stray step_* dir without its files must not push a good one out.
     for old in complete_checkpoints(checkpoints)[keep:]:
@@ -94,32 +80,15 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, trainer_stat
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Complete checkpoint dirs, newest first.
-
-    A step_* dir only gets its name once complete (see `save_checkpoint`), so the highest one with
-    all its files is the newest good one, even where a crash came between its rename and the
-    `latest` pointer (which is kept for people and tools reading the run dir).
-    """
-    if not checkpoints.is_dir():
-        return []
-    files = ("meta.json", "trainer.pt", "model.safetensors")
-    return [path for path in sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
-            if path.is_dir() and all((path / name).is_file() for name in files)]
-
-
-def find_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint dir, or None."""
-    found = complete_checkpoints(checkpoints)
-    return found[0] if found else None
+def recover_checkpoints(checkpoints: Path) -> None:
+    """Settle what killed writers left in `checkpoints` (rank 0, before loading or saving): an
+    interrupted re-save of a step gets its old copy back (storage.recover_dir), temp dirs of steps
+    that may never be saved again go, and so do the `.tmp-*` dirs earlier versions wrote (one
+    writer per run dir, so any found before a save is dead)."""
+    for step_dir in storage.interrupted_writes(checkpoints):
+        storage.recover_dir(step_dir)
+    for leftover in checkpoints.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict, dict]:
@@ -145,45 +114,6 @@ def load_newest_good(checkpoints: Path, model: nn.Module) -> tuple[Path, dict, d
     return None
 
 
-def check_resume_config(saved: dict, current: dict, ignored: tuple[str, ...] = RESUME_FREE_KEYS) -> None:
-    """Raise ValueError listing every key where `current` differs from the `saved` config (nested
-    dicts compared key by key; top-level keys in `ignored` may differ)."""
-    diffs = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                if prefix or key not in ignored:
-                    walk(a.get(key), b.get(key), f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}")
-
-    walk(saved, current, "")
-    if diffs:
-        raise ValueError("Cannot resume: the config differs from the one that wrote the checkpoint ("
-                         + "; ".join(diffs) + "). Resume with the same config, or start a new out_dir.")
-
-
-def check_run_dir(out_dir: Path, resume: bool, config: dict) -> Path | None:
-    """The newest complete checkpoint in out_dir that `config` (a plain dict) may resume from, or None.
-
-    Raises FileExistsError when out_dir holds checkpoints but `resume` is off, and ValueError when
-    the checkpoint was written by a different config.
-    """
-    found = find_checkpoint(out_dir / "checkpoints")
-    if found is None:
-        return None
-    if not resume:
-        raise FileExistsError(f"{str(out_dir)!r} already holds checkpoints of a run ({found.name}). "
-                              f"Pass --resume (resume=true) to continue it, or choose another out_dir.")
-    try:
-        saved = json.loads((found / "meta.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return found  # damaged: the loader falls back to an older checkpoint and checks that one
-    check_resume_config(saved, config)
-    return found
-
-
 # --- a whole training state --------------------------------------------------------------------
 
 def save_state(checkpoints: Path, state: TrainState, config: dict, keep: int, ddp: Dist) -> None:
@@ -200,15 +130,19 @@ def save_state(checkpoints: Path, state: TrainState, config: dict, keep: int, dd
     barrier(ddp)
 
 
-def resume_state(checkpoints: Path, state: TrainState, config: dict, ddp: Dist) -> Path:
+def resume_state(checkpoints: Path, state: TrainState, config: dict, ddp: Dist, defaults: dict | None = None) -> Path:
     """Load the newest good checkpoint into `state` (weights, optimizer, schedule, RNGs, hook, step,
-    history, log window); its path. `config` must equal the one that wrote it."""
+    history, log window); its path. `config` must equal the one that wrote it, keys that config
+    lacks counting as equal at their `defaults` (see `eva_rl.rundir.config_differences`)."""
+    if ddp.main:
+        recover_checkpoints(checkpoints)
+    barrier(ddp)
     loaded = load_newest_good(checkpoints, state.policy)
     if loaded is None:
         raise ValueError(f"No checkpoint in {str(checkpoints)!r} loads (see the warnings above). "
                          f"Move the directory away to start afresh.")
     found, trainer_state, meta = loaded
-    check_resume_config(meta["config"], config)
+    check_same_config(meta["config"], config, defaults)
     if meta["world_size"] != ddp.world_size:
         raise ValueError(f"Cannot resume {found}: it was written by {meta['world_size']} processes, "
                          f"now {ddp.world_size}. Resume with the same --nproc_per_node.")

@@ -7,12 +7,14 @@ swept config key. Each stage whose outputs exist is not redone. Layout of `out_d
     datasets/                       Minari datasets (unless collect.datasets_dir says elsewhere)
     pretrain/                       the pretraining run (train.py's layout; model/ is the checkpoint)
     runs/<task>/<method>-r<rank>-s<seed>[-<key>-<value>...]/
-        run.json, log.txt, done, error.txt          (written by the job runner, eva_rl/jobs.py)
+        run.json, log.txt, error.txt                (written by the job runner, eva_rl/jobs.py)
         config.yaml, tb/, checkpoints/, metrics.json   (written by the training loop)
 
-Re-running the same command skips finished runs and resumes the others from their latest
-checkpoint. A run directory made by a different config is never overwritten silently:
-planning stops with an error unless `overwrite=True`, which moves the old run to `_replaced/`.
+Re-running the same command skips finished runs (metrics.json, `eva_rl.rundir.is_finished`) and
+resumes the others from their latest checkpoint. A run directory made by a different config is
+never overwritten silently: planning stops with an error unless `overwrite=True`, which moves the
+old run to `_replaced/`. Keys a newer release added, left at their defaults, do not count as a
+different config (`eva_rl.rundir.config_differences`), so older runs are skipped or resumed.
 A failed run is recorded (status failed, error.txt) and the others go on.
 
 The stages below make jobs (`jobs.Job`) whose run functions are the pipeline's stage
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from eva_rl.config import config_to_dict, load_config
-from eva_rl.jobs import Job, JobResult, default_workers, is_done, run_jobs  # noqa: F401 - is_done re-exported
+from eva_rl.jobs import Job, JobResult, default_workers, run_jobs
 from eva_rl.storage import write_text_atomic
 
 
@@ -371,7 +373,8 @@ def pretrain_job(config: ExperimentConfig, tasks: Sequence[str], yaml_file: Path
     resolved = resolve_config(TrainConfig, base, config.pretrain.overrides,
                               {"data.paths": paths, "out_dir": str(run_dir), "resume": True, "progress": False})
     cpus = config.pretrain.cpus or default_workers(1)
-    return Job("pretrain", run_dir, resolved, {"stage": "pretrain"}, cpus=cpus, gpus=config.pretrain.gpus)
+    return Job("pretrain", run_dir, resolved, {"stage": "pretrain"}, cpus=cpus, gpus=config.pretrain.gpus,
+               defaults=config_to_dict(TrainConfig()))
 
 
 def run_pretrain(run_dir: Path, config: dict[str, Any]) -> None:
@@ -394,6 +397,7 @@ def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Pa
                          f"use method names: {', '.join(METHODS)}.")
     base = config_path(stage.config, yaml_file) if stage.config else None
     jobs = []
+    defaults = config_to_dict(FinetuneConfig())
     runs = Path(config.out_dir).resolve() / "runs"
     points = expand_grid(stage, tasks)
     names = [run_name(point) for point in points]
@@ -410,7 +414,8 @@ def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Pa
         per_method = stage.method_overrides.get(point["method"]) or {}
         keys = finetune_keys(point, checkpoint, dataset_paths(config, [point["task"]], "finetune"), run_dir)
         resolved = resolve_config(FinetuneConfig, base, stage.overrides, per_method, swept, keys)
-        jobs.append(Job(name, run_dir, resolved, point, cpus=stage.cpus_per_run, gpus=stage.gpus_per_run))
+        jobs.append(Job(name, run_dir, resolved, point, cpus=stage.cpus_per_run, gpus=stage.gpus_per_run,
+                        defaults=defaults))
     return jobs
 
 

@@ -37,12 +37,11 @@ from torch import nn
 import eva_rl
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import BACKENDS, TOKEN_KINDS, EvaReport, eva_state_dict
-from eva_rl.config import config_to_dict, load_config, save_config
-from eva_rl.storage import atomic_path
-from eva_rl.checkpoint import check_resume_config
+from eva_rl import rundir
+from eva_rl.config import config_to_dict, save_config
 from eva_rl.distributed import Dist, device_type, init_distributed, resolve_device, shutdown
-from eva_rl.train import (DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, check_run_dir,
-                          split_data, train)
+from eva_rl.storage import atomic_path
+from eva_rl.train import DataConfig, OptimConfig, PolicySection, RunInfo, TrainConfig, TrainResult, split_data, train
 
 log = logging.getLogger(__name__)
 eva_rl._make_callable(__name__)  # so that eva_rl.finetune(...) calls finetune() below
@@ -256,19 +255,13 @@ def run_eva(policy: nn.Module, dataset: Any, config: FinetuneConfig, out_dir: Pa
     return weights, report
 
 
-def _check_same_finetune(config: FinetuneConfig, saved_path: Path) -> None:
-    """Resuming needs the method, rank, targets and EVA settings the checkpoints were made with
-    (train.py checks only the train section); otherwise the adapter shapes or init would differ."""
-    if not saved_path.is_file():
-        return
-
-    def comparable(c: FinetuneConfig) -> dict:
-        data = config_to_dict(c)
-        for key in ("resume", "progress", "out_dir"):
-            data["train"].pop(key, None)
-        return data
-
-    check_resume_config(comparable(load_config(FinetuneConfig, saved_path)), comparable(config))
+def check_run_dir(config: FinetuneConfig) -> Path | None:
+    """The newest checkpoint of config.train.out_dir to resume from, or None; refuses a directory of
+    another run (`eva_rl.rundir.check_run_dir`). The whole config.yaml is compared, not only the
+    train section the checkpoints hold: a resumed run needs the method, rank, targets and EVA
+    settings it was made with, or the adapter shapes or init would differ."""
+    return rundir.check_run_dir(Path(config.train.out_dir), config_to_dict(config), config_to_dict(FinetuneConfig()),
+                                config.train.resume, config_file="config.yaml")
 
 
 def _eva_inputs(config: FinetuneConfig) -> str:
@@ -330,7 +323,7 @@ def _finetune(config: FinetuneConfig, ddp: Dist) -> TrainResult:
     # DT's do not, so the training loop adds it (and logs it apart from the action MSE).
     regularizer = (lambda: methods.regularization_loss(policy)) if spec.uses_rank_schedule else None
     return train(config.train, policy=policy, dataset=dataset, on_step=methods.step_hook(policy),
-                 run_info=run_info, on_end=save, regularizer=regularizer)
+                 run_info=run_info, on_end=save, regularizer=regularizer, defaults=FinetuneConfig().train)
 
 
 def _prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, nn.Module, Any]:
@@ -346,8 +339,7 @@ def _prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, nn.Module, Any]:
     policy = load_pretrained(config, raw)
     check_fit(policy, raw)
     config = resolved_config(config, policy)
-    if check_run_dir(config.train) is not None:  # a refused resume must leave the old run's files as they were
-        _check_same_finetune(config, Path(config.train.out_dir) / "config.yaml")
+    check_run_dir(config)  # before any work or write: a refused run leaves the old run's files as they were
     meta = policy.metadata
     dataset = raw.with_normalization(np.asarray(meta.state_mean, np.float32), np.asarray(meta.state_std, np.float32),
                                      meta.return_scale)

@@ -5,14 +5,17 @@ jobs (grid points, stage configs) lives in `experiment.py`. Each run directory h
 
     run.json      the job's name, grid point and config, its status, the pid that owns it, times
     log.txt       the run's stdout and stderr
-    done          written atomically after metrics.json: the run is finished
+    metrics.json  written last by the run function (or by the runner, from what it returns): the
+                  run is finished (`eva_rl.rundir.is_finished`)
     error.txt     the traceback of a failed attempt
 
-Running the same jobs again skips those with a `done` marker and resumes the others (their run
-function picks up their checkpoints). A run directory holding another config is never overwritten
-silently. A local child process dies with the process that started it (Linux parent-death
-signal, or a thread watching the parent elsewhere), so a killed command leaves no run behind;
-a run whose recorded owner is gone is resumed by the next command.
+Running the same jobs again skips the finished ones and resumes the others (their run function
+picks up their checkpoints). A run directory holding another config is never overwritten silently
+(the comparison is `eva_rl.rundir.config_differences`: keys a newer release added, at their
+defaults, do not make an older run another config). A local child process dies with the process
+that started it (Linux parent-death signal, or a thread watching the parent elsewhere), so a
+killed command leaves no run behind; a run whose recorded owner is gone is resumed by the next
+command.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from eva_rl.rundir import METRICS_FILE, config_differences, is_finished
 from eva_rl.storage import write_text_atomic
 
 RunFn = Callable[[Path, dict], "dict | None"]
@@ -47,6 +51,9 @@ class Job:
     point: dict[str, Any] = field(default_factory=dict)   # grid labels (task, method, rank, seed, swept keys)
     cpus: int = 1
     gpus: float = 0.0
+    # the config's default values, same shape: a key run.json lacks (recorded before a release
+    # added it) matches when the job has it at its default
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,7 @@ class JobResult:
 
 # --- running one job (inside a worker) ----------------------------------------------------------
 
-DONE = "done"
 RUN_JSON = "run.json"
-
-
-def is_done(run_dir: Path) -> bool:
-    """A run is finished when its `done` marker exists (written after metrics.json)."""
-    return (run_dir / DONE).is_file() and (run_dir / "metrics.json").is_file()
 
 
 def _read_run_json(run_dir: Path) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def execute_job(run_fn: RunFn, job: Job, threads: int | None = None, owner: int 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
         try:
             metrics = run_fn(run_dir, job.config)
-            metrics_path = run_dir / "metrics.json"
+            metrics_path = run_dir / METRICS_FILE
             if metrics is not None and not metrics_path.is_file():
                 write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
             if not metrics_path.is_file():
@@ -132,7 +133,6 @@ def execute_job(run_fn: RunFn, job: Job, threads: int | None = None, owner: int 
         _write_run_json(run_dir, status="failed", finished=time.time(), seconds=seconds,
                         error=error.strip().splitlines()[-1])
         return JobResult(job.name, "failed", seconds, error)
-    write_text_atomic(run_dir / DONE, json.dumps({"finished": time.time(), "seconds": seconds}))
     _write_run_json(run_dir, status="done", finished=time.time(), seconds=seconds)
     return JobResult(job.name, "done", seconds)
 
@@ -243,21 +243,23 @@ def process_alive(pid: int, started: str | None = None) -> bool:
 def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job], list[JobResult]]:
     """Split jobs into those to run and those already finished; protect runs of another config.
 
-    A run directory whose run.json holds a different config than the job is an error (results are
-    never overwritten silently), unless overwrite=True: the old directory then moves to
-    `<parent of runs>/_replaced/<name>-<time>`.
+    A run directory whose run.json holds a different config than the job (`config_differences`,
+    with the job's defaults) is an error (results are never overwritten silently), unless
+    overwrite=True: the old directory then moves to `<parent of runs>/_replaced/<name>-<time>`.
     """
     todo, skipped, conflicts = [], [], []
     for job in jobs:
         recorded = _read_run_json(job.run_dir)
-        if recorded and recorded.get("config") is not None and recorded["config"] != _jsonable(job.config):
+        differences = (config_differences(recorded["config"], _jsonable(job.config), job.defaults, saved_as="run.json")
+                       if recorded and recorded.get("config") is not None else [])
+        if differences:
             if not overwrite:
-                conflicts.append(job)
+                conflicts.append((job, differences))
                 continue
             replaced = job.run_dir.parent / "_replaced" / f"{job.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             replaced.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(job.run_dir), replaced)
-        elif is_done(job.run_dir):
+        elif is_finished(job.run_dir):
             skipped.append(JobResult(job.name, "skipped", 0.0))
             continue
         elif _running_elsewhere(recorded):
@@ -266,9 +268,10 @@ def plan_jobs(jobs: Sequence[Job], *, overwrite: bool = False) -> tuple[list[Job
             continue
         todo.append(job)
     if conflicts:
-        names = ", ".join(str(j.run_dir) for j in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+        names = ", ".join(str(j.run_dir) for j, _ in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+        first = "; ".join(conflicts[0][1][:3]) + ("; ..." if len(conflicts[0][1]) > 3 else "")
         raise FileExistsError(
-            f"{len(conflicts)} run directories hold results of a different config: {names}. "
+            f"{len(conflicts)} run directories hold results of a different config: {names} (the first: {first}). "
             f"Use another out_dir, or pass --overwrite to move them to _replaced/ and run again.")
     return todo, skipped
 
@@ -430,7 +433,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def _local_result(job: Job, exitcode: int | None) -> JobResult:
     recorded = _read_run_json(job.run_dir)
     seconds = float(recorded.get("seconds") or (time.time() - float(recorded.get("started", time.time()))))
-    if exitcode == 0 and is_done(job.run_dir):
+    if exitcode == 0 and is_finished(job.run_dir):
         return JobResult(job.name, "done", seconds)
     if recorded.get("status") == "failed":
         error = (job.run_dir / "error.txt").read_text() if (job.run_dir / "error.txt").is_file() else "failed"

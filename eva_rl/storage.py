@@ -125,6 +125,25 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def interrupted_writes(directory: str | os.PathLike) -> list[Path]:
+    """The paths in `directory` that have temporary siblings (`.NAME.<pid>-<host>.*`) or a
+    replacement journal, e.g. checkpoint steps a killed writer never finished; pass each to
+    `recover_dir` (or `remove_leftovers`). For directories whose entries' names vary (checkpoints
+    of steps that may never be saved again), where no opener would name them."""
+    directory = Path(directory)
+    try:
+        entries = [entry.name for entry in directory.iterdir()]
+    except FileNotFoundError:
+        return []
+    names = set()
+    for entry in entries:
+        # greedy: NAME may hold dots; the writer's `.<pid>-<host>.` is the last such group
+        match = re.match(r"^\.(.+)\.\d+-[0-9a-f]{8}\.", entry) or re.match(r"^\.(.+)\.replace\.json$", entry)
+        if match:
+            names.add(match.group(1))
+    return [directory / name for name in sorted(names)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------------

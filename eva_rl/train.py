@@ -22,7 +22,7 @@ Run directory (`out_dir`):
     tb/                  tensorboard events
     checkpoints/step_<n>/  see eva_rl.checkpoint; `latest` names the newest
     model/               the final policy (pretrain)
-    metrics.json         written last: its presence means the run finished
+    metrics.json         written last: its presence means the run finished (eva_rl.rundir.is_finished)
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eva_rl import checkpoint
+from eva_rl import checkpoint, rundir
 from eva_rl.checkpoint import TrainState
 from eva_rl.config import config_to_dict, save_config
 from eva_rl.distributed import (PRECISIONS, Dist, all_mean, autocast, barrier, cpu_supports_bf16, device_type,
@@ -394,7 +394,7 @@ def _loop(run: _Run, state: TrainState) -> None:
                 _measure(run, state, state.step)
             if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
                 _check_finite(state.loss_sum, grad_norm, state.step, run.ddp)  # never save NaN-broken weights
-                checkpoint.save_state(Path(config.out_dir) / "checkpoints", state, config_to_dict(config),
+                checkpoint.save_state(Path(config.out_dir) / rundir.CHECKPOINTS_DIR, state, config_to_dict(config),
                                       config.keep_checkpoints, run.ddp)
 
 
@@ -480,7 +480,8 @@ def _check_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor, step: int, dd
 def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any = None,
           on_step: Callable[[int], None] | None = None, run_info: RunInfo = RunInfo(),
           on_end: Callable[[nn.Module], None] | None = None,
-          regularizer: Callable[[], torch.Tensor | None] | None = None) -> TrainResult:
+          regularizer: Callable[[], torch.Tensor | None] | None = None,
+          defaults: TrainConfig | None = None) -> TrainResult:
     """Train `policy` on `dataset` offline for config.steps updates; write checkpoints, logs, metrics.json.
 
     policy: a DecisionTransformerPolicy (or a PEFT model wrapping one) with `loss(batch) -> scalar`.
@@ -498,20 +499,23 @@ def train(config: TrainConfig, *, policy: nn.Module | None = None, dataset: Any 
     regularizer: a term added to the loss for the gradient only (AdaLoRA's orthogonality penalty).
         train/loss and metrics.json's train_loss stay the action MSE, comparable across methods;
         the term is logged as train/regularization.
+    defaults: the config this run's keys default to (None: TrainConfig(); fine-tuning's differ). On
+        resume, a key the checkpoint's config lacks (saved by an older release) matches at its default.
     """
     ddp = init_distributed(device_type(config.device))
     try:
-        return _train(config, policy, dataset, on_step, run_info, on_end, regularizer, ddp)
+        return _train(config, policy, dataset, on_step, run_info, on_end, regularizer, defaults, ddp)
     finally:
         shutdown(ddp)
 
 
 def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step: Callable[[int], None] | None,
            run_info: RunInfo, on_end: Callable[[nn.Module], None] | None,
-           regularizer: Callable[[], torch.Tensor | None] | None, ddp: Dist) -> TrainResult:
+           regularizer: Callable[[], torch.Tensor | None] | None, defaults: TrainConfig | None,
+           ddp: Dist) -> TrainResult:
     out_dir = Path(config.out_dir)
     device, dtype = _device_and_precision(config, ddp)
-    found = check_run_dir(config)  # before any work: a refused run fails fast
+    found = check_run_dir(config, defaults)  # before any work: a refused run fails fast
     if dataset is None:
         dataset = load_dataset(config)
     if policy is None:
@@ -528,7 +532,8 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     state = TrainState(policy, optimizer, scheduler, np.random.default_rng([config.seed, ddp.rank]), device,
                        hook=on_step, loss_sum=torch.zeros((), device=device))
     if found is not None:
-        resumed = checkpoint.resume_state(out_dir / "checkpoints", state, config_to_dict(config), ddp)
+        resumed = checkpoint.resume_state(out_dir / rundir.CHECKPOINTS_DIR, state, config_to_dict(config), ddp,
+                                          defaults=config_to_dict(defaults or TrainConfig()))
         log.info("Resuming from %s (step %d of %d).", resumed, state.step, config.steps)
     log.info("Trainable parameters: %d of %d (%.2f%%); device %s, precision %s, %d process(es).",
              trainable, total, 100.0 * trainable / total, device, dtype or "fp32", ddp.world_size)
@@ -548,7 +553,7 @@ def _train(config: TrainConfig, policy: nn.Module | None, dataset: Any, on_step:
     if ddp.main:
         if on_end is not None:
             on_end(policy)
-        write_metrics(out_dir / "metrics.json", metrics)
+        write_metrics(out_dir / rundir.METRICS_FILE, metrics)
     barrier(ddp)
     return TrainResult(policy=policy, metrics=metrics, out_dir=out_dir, steps=state.step)
 
@@ -736,14 +741,16 @@ def split_data(dataset: Any, config: TrainConfig) -> tuple[Any, Any | None]:
     return train_data, val_data
 
 
-def check_run_dir(config: TrainConfig) -> Path | None:
-    """The newest complete checkpoint in config.out_dir that `config` may resume from, or None.
+def check_run_dir(config: TrainConfig, defaults: TrainConfig | None = None) -> Path | None:
+    """The newest complete checkpoint in config.out_dir that `config` may resume from, or None
+    (`eva_rl.rundir.check_run_dir` with the checkpoint's config; `defaults`: as in `train`).
 
-    Raises FileExistsError when out_dir holds checkpoints but config.resume is off, and ValueError
-    when the checkpoint was written by a different config. Call it before writing anything into
-    out_dir (config.yaml), so that a refused run leaves the old run's files as they were.
+    Raises FileExistsError when out_dir holds checkpoints or a finished run but config.resume is
+    off, and ValueError when the checkpoint was written by a different config. Call it before
+    writing anything into out_dir (config.yaml), so that a refused run leaves the old run's files.
     """
-    return checkpoint.check_run_dir(Path(config.out_dir), config.resume, config_to_dict(config))
+    return rundir.check_run_dir(Path(config.out_dir), config_to_dict(config),
+                                config_to_dict(defaults or TrainConfig()), config.resume)
 
 
 # --- pretraining -------------------------------------------------------------------------------

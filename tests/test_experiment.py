@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.experiment import ExperimentConfig, FinetuneStage, config_path, expand_grid, is_done, load_experiment, run_name
+from eva_rl.experiment import ExperimentConfig, FinetuneStage, config_path, expand_grid, load_experiment, run_name
+from eva_rl.rundir import is_finished
 
 def test_grid_expansion_and_names() -> None:
     stage = FinetuneStage(tasks=("task-a", "task-b"), methods=("fft", "lora", "eva"), ranks=(4, 8), seeds=(0, 1),
@@ -113,7 +114,7 @@ def test_pipeline_end_to_end_at_toy_scale(tmp_path: Path) -> None:
     config = load_experiment(None, [f"{key}={json.dumps(value)}" for key, value in grid.items()])
     result = run_experiment(config, workers=2, progress=False)
     assert [r.status for r in result.runs] == ["done", "done"], [r.error for r in result.runs]
-    assert (tmp_path / "pretrain" / "model").is_dir() and is_done(tmp_path / "pretrain")
+    assert (tmp_path / "pretrain" / "model").is_dir() and is_finished(tmp_path / "pretrain")
     eva = tmp_path / "runs" / "push-v3" / "eva-r2-s0"
     metrics = json.loads((eva / "metrics.json").read_text())
     assert metrics["kind"] == "finetune" and metrics["method"] == "eva" and metrics["final"]["success_rate"] is not None
@@ -179,3 +180,33 @@ def test_runs_made_under_the_old_folder_names_are_still_found(tmp_path: Path) ->
     jobs = finetune_jobs(config, ["push-v3"], tmp_path / "model")
     assert [job.name for job in jobs] == ["push-v3/eva-r4-s0-eva.rho=2.0", "push-v3/eva-r4-s0-eva.rho-3.0"]
     assert jobs[0].config["train"]["out_dir"] == str(tmp_path / "runs" / "push-v3" / "eva-r4-s0-eva.rho=2.0")
+
+
+def test_runs_of_an_older_release_are_skipped_not_replaced(tmp_path: Path) -> None:
+    """A release that adds config keys with defaults (train.eval_steps, ...) keeps earlier runs:
+    the pretraining and the grid points are skipped, not refused or (with --overwrite) redone."""
+    from eva_rl.experiment import finetune_jobs, pretrain_job
+    from eva_rl.jobs import plan_jobs
+
+    config = load_experiment(None, [f"out_dir={tmp_path}", "finetune.tasks=[push-v3]", "finetune.methods=[lora]"])
+    jobs = [pretrain_job(config, ["reach-v3"]), *finetune_jobs(config, ["push-v3"], tmp_path / "model")]
+    for job, missing in zip(jobs, (["eval_steps"], ["train", "eval_steps"])):
+        old = json.loads(json.dumps(job.config))
+        section = old
+        for part in missing[:-1]:
+            section = section[part]
+        del section[missing[-1]]
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "run.json").write_text(json.dumps({"status": "done", "config": old}))
+        (job.run_dir / "metrics.json").write_text("{}")
+    todo, skipped = plan_jobs(jobs, overwrite=True)
+    assert todo == [] and [r.status for r in skipped] == ["skipped", "skipped"]
+    assert not (tmp_path / "_replaced").exists() and not (tmp_path / "runs" / "push-v3" / "_replaced").exists()
+    # the key absent and set to another value: another config, refused (or moved aside with overwrite)
+    changed = load_experiment(None, [f"out_dir={tmp_path}", "finetune.tasks=[push-v3]", "finetune.methods=[lora]",
+                                     "finetune.overrides={train: {eval_steps: [0, 5]}}"])
+    [job] = finetune_jobs(changed, ["push-v3"], tmp_path / "model")
+    with pytest.raises(FileExistsError, match=r"different config: .*train\.eval_steps: run\.json unset, now \[0, 5\]"):
+        plan_jobs([job])
+    todo, _ = plan_jobs([job], overwrite=True)
+    assert todo == [job] and len(list((tmp_path / "runs" / "push-v3" / "_replaced").iterdir())) == 1

@@ -275,3 +275,58 @@ def test_distributed_eva_pools_every_process_share_and_matches_one_process(setup
     report = json.loads((tmp_path / "two" / "eva_report.json").read_text())
     assert report["tokens_seen"] == json.loads((tmp_path / "one" / "eva_report.json").read_text())["tokens_seen"]
 
+
+
+class _Killed(Exception):
+    pass
+
+
+def _forget(out: Path, *keys: str) -> None:
+    """Make config.yaml and every checkpoint's config look written before a release added `keys`."""
+    def drop(config: dict, key: str) -> None:
+        *parents, leaf = key.split(".")
+        for part in parents:
+            config = config[part]
+        del config[leaf]
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for key in keys:
+        drop(saved, key)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    for meta_path in (out / "checkpoints").glob("step_*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        for key in keys:
+            if key.startswith("train."):
+                drop(meta["config"], key.removeprefix("train."))
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_a_run_saved_before_a_key_existed_resumes_exactly(setup, tmp_path, monkeypatch) -> None:
+    import eva_rl.finetune as finetune_module
+
+    keys = {"method": "lora", "train.eval_every": 0, "train.val_every": 0}
+    straight = finetune(load_config(FinetuneConfig, None, overrides(setup, tmp_path / "straight", **keys)))
+    out = tmp_path / "old"
+    real_train = finetune_module.train
+
+    def killed_at_step_4(*args, **kwargs):
+        def hook(step: int) -> None:
+            if step == 4:
+                raise _Killed
+        return real_train(*args, **{**kwargs, "on_step": hook})
+
+    monkeypatch.setattr(finetune_module, "train", killed_at_step_4)
+    with pytest.raises(_Killed):
+        finetune(load_config(FinetuneConfig, None, overrides(setup, out, **keys)))
+    monkeypatch.setattr(finetune_module, "train", real_train)
+    # train.eval_steps: fine-tuning's default [0] is not TrainConfig's [], and still counts as the default
+    _forget(out, "dropout", "train.eval_steps")
+    with pytest.raises(ValueError, match=r"Cannot resume: .*dropout: checkpoint unset, now 0\.1"):
+        finetune(load_config(FinetuneConfig, None, overrides(setup, out, dropout=0.1, **keys, **{"train.resume": "true"})))
+    with pytest.raises(ValueError, match=r"Cannot resume: .*train\.eval_steps: checkpoint unset, now \[6\]"):
+        finetune(load_config(FinetuneConfig, None, overrides(setup, out, **keys, **{
+            "train.resume": "true", "train.eval_steps": "[6]"})))
+    resumed = finetune(load_config(FinetuneConfig, None, overrides(setup, out, **keys, **{"train.resume": "true"})))
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+    for key, value in straight.policy.state_dict().items():
+        assert torch.equal(value, resumed.policy.state_dict()[key]), key

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_rl.jobs import Job, is_done, process_alive, process_start, run_jobs
+from eva_rl.jobs import Job, process_alive, process_start, run_jobs
+from eva_rl.rundir import is_finished
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -45,7 +46,7 @@ def test_failed_run_is_recorded_and_others_finish_then_rerun_skips(tmp_path: Pat
     jobs = jobs_in(tmp_path, {"a": {"steps": 3}, "b": {"steps": 2, "fail": True}, "c": {"steps": 1}})
     results = run_jobs(jobs, tiny_run, workers=2, label="grid")
     assert [(r.name, r.status) for r in results] == [("a", "done"), ("b", "failed"), ("c", "done")]
-    assert is_done(tmp_path / "a") and not (tmp_path / "b" / "done").exists()
+    assert is_finished(tmp_path / "a") and not is_finished(tmp_path / "b")
     assert "RuntimeError: boom" in (tmp_path / "b" / "error.txt").read_text()
     assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "failed"
     assert "starting at step 0" in (tmp_path / "a" / "log.txt").read_text()
@@ -103,6 +104,22 @@ def test_overwrite_moves_the_old_run_aside(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["steps_done"] == 2
 
 
+def test_a_run_recorded_before_a_key_existed_is_the_same_config(tmp_path: Path) -> None:
+    defaults = {"steps": 10, "sleep": 0.0}  # `sleep`: a key a newer release added, default 0.0
+    old = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}, "b": {"steps": 1}}), tiny_run, workers=1, progress=False)
+    assert [r.status for r in old] == ["done", "done"]
+    now = [Job(name, tmp_path / name, {"steps": 1, "sleep": 0.0}, {"name": name}, defaults=defaults) for name in "ab"]
+    (tmp_path / "b" / "metrics.json").unlink()  # b was killed before it finished: resumed, not refused
+    assert [r.status for r in run_jobs(now, tiny_run, workers=1, progress=False)] == ["skipped", "done"]
+    # absent from run.json and set to another value than the default: another config
+    changed = [Job("a", tmp_path / "a", {"steps": 1, "sleep": 0.5}, {"name": "a"}, defaults=defaults)]
+    with open(tmp_path / "a" / "run.json") as handle:
+        recorded = json.load(handle)
+    (tmp_path / "a" / "run.json").write_text(json.dumps({**recorded, "config": {"steps": 1}}))
+    with pytest.raises(FileExistsError, match=r"different config: .*a \(the first: sleep: run.json unset, now 0.5\)"):
+        run_jobs(changed, tiny_run, workers=1, progress=False)
+
+
 def test_ray_backend_on_a_local_instance(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -141,7 +158,7 @@ def test_a_run_another_process_is_running_is_left_alone(tmp_path: Path) -> None:
         (tmp_path / "a" / "run.json").write_text(json.dumps({**recorded, "pid_started": "1"}))
         [result] = run_jobs(jobs_in(tmp_path, {"a": {"steps": 1}}), tiny_run, workers=1, progress=False)
         assert result.status == "done"
-        (tmp_path / "a" / "done").unlink()
+        (tmp_path / "a" / "metrics.json").unlink()  # unfinished again, claimed by a process about to be killed
         (tmp_path / "a" / "run.json").write_text(json.dumps(recorded))
     finally:
         other.kill()

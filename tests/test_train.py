@@ -3,6 +3,7 @@ metrics.json, DDP with two CPU processes, config errors, and a tiny Meta-World p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import torch
 
 from eva_rl.config import load_config
 from eva_rl.data.trajectories import TrajectoryDataset
+from eva_rl import storage
 from eva_rl.checkpoint import find_checkpoint, save_checkpoint
 from eva_rl.train import (RunInfo, TrainConfig, build_policy, evaluation_steps, lr_factor, parameter_groups,
                           train)
@@ -213,10 +215,14 @@ def test_checkpoint_is_atomic_and_last_good_one_loads(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000009"]
     assert (checkpoints / "latest").read_text().strip() == "step_00000009"
-    # a crash while writing step 12: its temp dir holds half the files, nothing else changed
-    crashed = checkpoints / ".tmp-step_00000012-999"
-    crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"half")
+    # a killed writer's temp dirs hold half the files, nothing else changed: one of a step the run
+    # never saves again (storage's naming: writer pid and host) and one of eva-rl 0.1 (.tmp-*)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    crashed = [checkpoints / f".step_00000099.{dead}-{storage._HOST}.x1y2", checkpoints / ".tmp-step_00000012-999"]
+    for path in crashed:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
     assert find_checkpoint(checkpoints) == checkpoints / "step_00000009"
     # a crash between the rename and the pointer, and a dir without its meta.json
     (checkpoints / "latest").write_text("step_00000099\n")
@@ -232,7 +238,7 @@ def test_checkpoint_is_atomic_and_last_good_one_loads(tmp_path):
     resumed = train(tiny_config(tmp_path, "keep_checkpoints=2", "checkpoint_every=3", "resume=true"),
                     policy=fresh_policy(config, dataset), dataset=dataset)
     assert_same_weights(straight.policy, resumed.policy)
-    assert not crashed.exists()
+    assert not any(path.exists() for path in crashed)
 
 
 def test_save_checkpoint_keeps_last_n(tmp_path):
@@ -249,7 +255,7 @@ def test_save_checkpoint_keeps_last_n(tmp_path):
     # re-saving a step replaces it whole, leaving no temp dir
     save_checkpoint(tmp_path, 5, torch.nn.Linear(2, 2), {"x": torch.ones(1)}, {"history": {}}, keep=2)
     assert torch.load(tmp_path / "step_00000005" / "trainer.pt")["x"].item() == 1.0
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dir, no journal
 
 
 def test_a_nan_update_stops_the_run_before_it_is_checkpointed(tmp_path):
@@ -426,3 +432,54 @@ def test_pretrain_on_two_metaworld_tasks_lowers_the_loss(tmp_path, metaworld_dat
 
     model = DecisionTransformerModel.from_pretrained(out / "model")
     assert model.config.state_dim == 39 and model.config.act_dim == 4
+
+
+def _drop_from_checkpoints(run_dir: Path, *keys: str) -> None:
+    """Make every checkpoint's config look written by an older release that had not these keys yet."""
+    for meta_path in (run_dir / "checkpoints").glob("step_*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        for key in keys:
+            section = meta["config"]
+            *parents, leaf = key.split(".")
+            for part in parents:
+                section = section[part]
+            del section[leaf]
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_resume_from_a_checkpoint_saved_before_a_key_existed(tmp_path):
+    dataset = tiny_dataset()
+    straight_config = tiny_config(tmp_path / "straight")
+    straight = train(straight_config, policy=fresh_policy(straight_config, dataset), dataset=dataset)
+    config = tiny_config(tmp_path / "old")
+    with pytest.raises(Kill):
+        train(config, policy=fresh_policy(config, dataset), dataset=dataset, on_step=kill_at(8))
+    _drop_from_checkpoints(tmp_path / "old", "val_batches", "data.episodes_seed")
+    # absent and set to another value than the default: another config
+    with pytest.raises(ValueError, match=r"Cannot resume: .*val_batches: checkpoint unset, now 4\)"):
+        train(tiny_config(tmp_path / "old", "resume=true", "val_batches=4"), policy=fresh_policy(config, dataset),
+              dataset=dataset)
+    with pytest.raises(ValueError, match=r"data\.episodes_seed: checkpoint unset, now 7"):
+        train(tiny_config(tmp_path / "old", "resume=true", "data.episodes_seed=7"),
+              policy=fresh_policy(config, dataset), dataset=dataset)
+    # absent and at the default: the same run (data.episodes_seed at TrainConfig's None). The
+    # defaults are the caller's (fine-tuning's differ from TrainConfig's): where val_batches=4 is
+    # the default, 4 matches the checkpoint that lacks it (no validation split here, so the weights
+    # are the uninterrupted run's)
+    resumed = train(tiny_config(tmp_path / "old", "resume=true", "val_batches=4"), policy=fresh_policy(config, dataset),
+                    dataset=dataset, defaults=dataclasses.replace(TrainConfig(), val_batches=4))
+    assert_same_weights(straight.policy, resumed.policy)
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
+    dataset = tiny_dataset()
+    config = tiny_config(tmp_path, "steps=4", "checkpoint_every=0")
+    train(config, policy=fresh_policy(config, dataset), dataset=dataset)
+    before = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a finished run \(metrics.json\)\. Pass --resume"):
+        train(config, policy=fresh_policy(config, dataset), dataset=dataset)
+    with pytest.raises(FileExistsError, match="no checkpoint to resume from"):
+        train(tiny_config(tmp_path, "steps=4", "checkpoint_every=0", "resume=true"),
+              policy=fresh_policy(config, dataset), dataset=dataset)
+    assert (tmp_path / "metrics.json").read_text() == before
