@@ -158,6 +158,8 @@ def field_comments(cls: type) -> dict[str, str]:
     A field's comment is the run of `#` lines right above it plus a `#` comment at the end of its
     line: the comments written where each field is declared are the reference, with no second
     copy to drift. Fields of dataclass bases are included; a field without a comment maps to "".
+    A class made with `dataclasses.make_dataclass` has no source: it carries a `FIELD_COMMENTS`
+    dict, built from the classes its fields come from.
     """
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -167,6 +169,8 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def _class_field_comments(klass: type) -> dict[str, str]:
+    if "FIELD_COMMENTS" in vars(klass):  # a class built at run time names its fields' comments itself
+        return dict(vars(klass)["FIELD_COMMENTS"])
     try:
         source = textwrap.dedent(inspect.getsource(klass))
     except (OSError, TypeError):  # defined in a REPL or built at run time: no source to read

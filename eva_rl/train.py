@@ -46,7 +46,7 @@ from torch import nn
 
 from eva_rl import checkpoint, rundir
 from eva_rl.checkpoint import TrainState
-from eva_rl.config import config_to_dict, save_config
+from eva_rl.config import config_to_dict, field_comments, save_config
 from eva_rl.distributed import (PRECISIONS, Dist, all_mean, autocast, barrier, cpu_supports_bf16, device_type,
                                 init_distributed, is_main_process, resolve_device, resolve_precision, shutdown)
 from eva_rl.policy import PolicyConfig
@@ -98,10 +98,14 @@ def _policy_section() -> type:
         """The fields set here, as keyword overrides for `PolicyConfig.from_preset`."""
         return {name: getattr(self, name) for name in overridable if getattr(self, name) is not None}
 
-    fields = [("preset", str, field(default="small"))]  # tiny (tests), small (CPU experiments), paper
+    fields = [("preset", str, field(default="small"))]
     fields += [(name, typing.Optional[hints[name]], field(default=None)) for name in overridable]
+    documented = field_comments(PolicyConfig)
+    comments = {"preset": "PolicyConfig preset: tiny (tests), small (CPU experiments) or paper."}
+    comments |= {name: f"{documented[name]} (null = the preset's)".lstrip() for name in overridable}
     section = dataclasses.make_dataclass("PolicySection", fields, frozen=True,
-                                         namespace={"overrides": overrides, "OVERRIDABLE": tuple(overridable)})
+                                         namespace={"overrides": overrides, "OVERRIDABLE": tuple(overridable),
+                                                    "FIELD_COMMENTS": comments})
     section.__module__ = __name__  # pickling and OmegaConf find the class here
     return section
 
