@@ -274,6 +274,41 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 
+# --- expert, import (hub and experts own this block) ---------------------------------------------
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(float(x)) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts such as 100000,300000, got {text!r}") from None
+
+
+def _expert_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("train a Stable-Baselines3 SAC expert for a Gymnasium task with the RL Zoo's "
+                          "hyperparameters; its zips feed collect --policy sb3:PATH")
+    parser.add_argument("task", help="Gymnasium task named in envs/ (e.g. Hopper-v5, Pendulum-v1)")
+    parser.add_argument("--out", required=True, help="directory of the zips, the log and the resume state")
+    parser.add_argument("--steps", type=int, default=None, help="env steps in all (default: the RL Zoo's)")
+    parser.add_argument("--save-at", type=_int_list, default=(), metavar="N,N,...",
+                        help="also snapshot at these steps, e.g. 100000,300000 (an early one = a medium policy)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N", help="also snapshot every N steps")
+    parser.add_argument("--eval-episodes", type=int, default=5, help="deterministic episodes scored per snapshot")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest snapshot in --out")
+
+
+@command("expert", _expert_args)
+def _expert(args: argparse.Namespace) -> int:
+    from eva_rl.data.experts import ExpertConfig, train_expert
+
+    result = train_expert(ExpertConfig(task=args.task, out=args.out, steps=args.steps, save_at=args.save_at,
+                                       save_every=args.save_every, eval_episodes=args.eval_episodes,
+                                       seed=args.seed, resume=args.resume, threads=args.threads))
+    print(result.describe())
+    return 0
+
+
 SUMMARIES = {
     "collect": "collect behaviour data (scripted expert + noise, SB3 model, random) into Minari datasets",
     "pretrain": "pretrain a Decision Transformer on one or many tasks' datasets",
