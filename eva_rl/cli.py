@@ -309,6 +309,30 @@ def _expert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("turn a plain transformers DecisionTransformerModel (a directory or a Hugging Face Hub id) "
+                          "into an eva-rl checkpoint that evaluate and finetune read")
+    parser.add_argument("source", help="model directory, or Hub model id ORG/NAME (from the HF cache; HF_HUB_OFFLINE respected)")
+    parser.add_argument("--task", required=True, help="task the model acts in (its dims are checked against the env)")
+    parser.add_argument("--out", required=True, help="directory of the eva-rl checkpoint to write")
+    parser.add_argument("--stats-from", nargs="+", default=None, metavar="DATASET",
+                        help="Minari dataset ids or paths the model was trained on (state mean/std, return scale)")
+    parser.add_argument("--metadata", default=None, metavar="FILE",
+                        help="JSON/YAML with state_mean, state_std, return_scale[, target_return] (e.g. from a model card)")
+    parser.add_argument("--context-length", type=int, default=20, help="steps of context the model was trained with")
+    parser.add_argument("--target-return", type=float, default=None, help="raw return to condition on")
+
+
+@command("import", _import_args)
+def _import(args: argparse.Namespace) -> int:
+    from eva_rl.hub import import_model
+
+    result = import_model(args.source, args.task, args.out, stats_from=args.stats_from, metadata_file=args.metadata,
+                          context_length=args.context_length, target_return=args.target_return)
+    print(result.describe())
+    return 0
+
+
 SUMMARIES = {
     "collect": "collect behaviour data (scripted expert + noise, SB3 model, random) into Minari datasets",
     "pretrain": "pretrain a Decision Transformer on one or many tasks' datasets",
