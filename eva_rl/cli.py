@@ -319,7 +319,8 @@ def _import_args(parser: argparse.ArgumentParser) -> None:
                         help="Minari dataset ids or paths the model was trained on (state mean/std, return scale)")
     parser.add_argument("--metadata", default=None, metavar="FILE",
                         help="JSON/YAML with state_mean, state_std, return_scale[, target_return] (e.g. from a model card)")
-    parser.add_argument("--context-length", type=int, default=20, help="steps of context the model was trained with")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="steps of context the model was trained with (default: config.json's max_length, else 20)")
     parser.add_argument("--target-return", type=float, default=None, help="raw return to condition on")
 
 

@@ -130,27 +130,31 @@ def _load_plain(model_dir: Path, metadata: PolicyMetadata, context_length: int) 
     return DecisionTransformerPolicy(config, metadata, model=model).eval()
 
 
-def _model_dims(model_dir: Path) -> tuple[int, int]:
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json as written, before transformers drops keys it no longer knows (max_length)."""
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json, so it is not a DecisionTransformerModel.")
     config = json.loads(config_file.read_text())
     if config.get("model_type") != "decision_transformer":
         raise ValueError(f"{config_file} describes a {config.get('model_type')!r} model, not a decision_transformer.")
-    return int(config["state_dim"]), int(config["act_dim"])
+    return config
 
 
 def import_model(source: str, task: str, out: str | Path, *, stats_from: Sequence[str] | None = None,
-                 metadata_file: str | None = None, context_length: int = 20,
+                 metadata_file: str | None = None, context_length: int | None = None,
                  target_return: float | None = None) -> ImportResult:
     """Write the plain DT `source` (directory or Hub id) as an eva-rl checkpoint for `task` at `out`.
 
     The model's state/action dims must equal the task env's observation/action dims.
-    context_length: the K the model was trained with (20 for the published D4RL DTs).
+    context_length: the K the model was trained with; None = config.json's max_length (the
+        published D4RL DTs record theirs, 20 there), else 20.
     target_return: raw return to condition on, over the statistics source's.
     """
     model_dir = resolve_model_dir(source)
-    state_dim, act_dim = _model_dims(model_dir)
+    model_config = _read_config(model_dir)
+    state_dim, act_dim = int(model_config["state_dim"]), int(model_config["act_dim"])
+    context_length = context_length or int(model_config.get("max_length") or 20)
     env = make_env(task, 0)
     try:
         obs_dim, env_act_dim = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))

@@ -34,6 +34,9 @@ def hub_cache(root, repo="org/tiny-dt", revision="0123abcd" * 5):
     """The layout huggingface_hub keeps: models--ORG--NAME/{refs/main, snapshots/<rev>/...}."""
     entry = root / f"models--{repo.replace('/', '--')}"
     model = plain_dt(entry / "snapshots" / revision)
+    config_file = entry / "snapshots" / revision / "config.json"
+    # the published DTs record their context length K as max_length, a key transformers 5 no longer reads
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "max_length": 6}))
     (entry / "refs").mkdir(parents=True)
     (entry / "refs" / "main").write_text(revision)
     return model
@@ -71,6 +74,7 @@ def test_hub_id_resolves_from_the_cache_offline(offline_cache, tmp_path, card):
     assert resolve_model_dir("org/tiny-dt").parent.name == "snapshots"
     result = import_model("org/tiny-dt", TASK, tmp_path / "out", metadata_file=str(card))
     policy = DecisionTransformerPolicy.from_pretrained(result.out)
+    assert policy.config.context_length == 6
     torch.testing.assert_close(policy.model.state_dict(), model.state_dict())
 
 
@@ -141,3 +145,13 @@ def test_cli_imports_a_hub_id_then_evaluates_and_finetunes(tmp_path, card):
         f"train.out_dir={tmp_path / 'ft'}", "train.steps=2", "train.batch_size=4", "train.eval_every=0",
         "train.val_every=0", "train.checkpoint_every=2", "train.progress=false", "train.data.val_fraction=0.25")
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["hopper-expert-dt.yaml", "hopper-medium-dt.yaml"])
+def test_shipped_cards_import_a_hopper_dt(tmp_path, name):
+    from eva_rl.experiment import config_path
+
+    plain_dt(tmp_path / "plain", state_dim=11, act_dim=3)
+    result = import_model(str(tmp_path / "plain"), "Hopper-v5", tmp_path / "out", metadata_file=str(config_path(name)))
+    assert result.metadata.state_dim == 11 and result.metadata.target_returns == {"Hopper-v5": 3600.0}
+    assert result.metadata.return_scale == 1000.0
