@@ -43,7 +43,7 @@ def test_train_snapshot_resume_and_collect(tmp_path):
                                       eval_episodes=1, sac_overrides=TINY))
     assert first.steps == 200 and [s["steps"] for s in first.snapshots] == [100, 200]
     assert snapshot_path(out, "Pendulum-v1", 100).is_file() and first.path.is_file()
-    assert np.isfinite(first.snapshots[0]["mean_return"]) and first.snapshots[0]["steps_per_second"] > 0
+    assert np.isfinite(first.snapshots[0]["mean_return"]) and first.snapshots[0]["steps_per_second"] > 0 < first.snapshots[0]["steps_per_cpu_second"]
     loaded = SAC.load(first.path, device="cpu")
     assert loaded.num_timesteps == 200 and loaded.learning_starts == 50
 

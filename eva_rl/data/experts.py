@@ -115,7 +115,8 @@ class ExpertResult:
         lines = [f"{self.steps} steps -> {self.path}"]
         for s in self.snapshots:
             ret = "" if s["mean_return"] is None else f", return {s['mean_return']:.1f} +- {s['std_return']:.1f}"
-            lines.append(f"  {s['steps']:>9} steps{ret} ({s['steps_per_second']:.1f} steps/s) {s['path']}")
+            rate = f"{s['steps_per_second']:.1f} steps/s, {s.get('steps_per_cpu_second', float('nan')):.1f} per CPU-s"
+            lines.append(f"  {s['steps']:>9} steps{ret} ({rate}) {s['path']}")
         return "\n".join(lines)
 
 
@@ -133,7 +134,8 @@ def _evaluate(model, task: str, episodes: int, seed: int) -> list[float]:
     return [float(r) for r in returns]
 
 
-def _save_snapshot(model, config: ExpertConfig, log: dict[str, Any], seconds: float, steps_done: int) -> None:
+def _save_snapshot(model, config: ExpertConfig, log: dict[str, Any], seconds: float, cpu_seconds: float,
+                   steps_done: int) -> None:
     """Write the policy zip, its evaluation, and the resume state for the model's current step."""
     steps = int(model.num_timesteps)
     paths = expert_paths(config.out, config.task)
@@ -147,6 +149,8 @@ def _save_snapshot(model, config: ExpertConfig, log: dict[str, Any], seconds: fl
         "std_return": float(np.std(returns)) if returns else None,
         "returns": returns,
         "steps_per_second": steps_done / max(seconds, 1e-9),  # of this process's training, evaluation excluded
+        # On a shared machine wall time measures the neighbours; CPU time measures the work.
+        "steps_per_cpu_second": steps_done / max(cpu_seconds, 1e-9),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     with atomic_dir(paths["resume"]) as tmp:
@@ -164,6 +168,7 @@ def _snapshot_callback(config: ExpertConfig, log: dict[str, Any], start_steps: i
         def _on_training_start(self) -> None:
             self.pending = [s for s in config.snapshot_steps() if s > start_steps]
             self.train_seconds, self.last = 0.0, time.perf_counter()
+            self.cpu_seconds, self.last_cpu = 0.0, time.process_time()
             # A log file is no terminal: a redraw every half minute keeps it readable.
             self.bar = tqdm(total=config.total_steps, initial=start_steps, desc=f"SAC {config.task}",
                             unit="step", mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -172,14 +177,15 @@ def _snapshot_callback(config: ExpertConfig, log: dict[str, Any], start_steps: i
             self.bar.update(1)
             if self.pending and self.num_timesteps >= self.pending[0]:
                 self.pending.pop(0)
-                now = time.perf_counter()
-                self.train_seconds += now - self.last
-                _save_snapshot(self.model, config, log, self.train_seconds, self.num_timesteps - start_steps)
+                self.train_seconds += time.perf_counter() - self.last
+                self.cpu_seconds += time.process_time() - self.last_cpu
+                _save_snapshot(self.model, config, log, self.train_seconds, self.cpu_seconds,
+                               self.num_timesteps - start_steps)
                 latest = log["snapshots"][-1]
                 if latest["mean_return"] is not None:
                     self.bar.write(f"{latest['steps']} steps: return {latest['mean_return']:.1f} "
                                    f"+- {latest['std_return']:.1f} -> {latest['path']}")
-                self.last = time.perf_counter()
+                self.last, self.last_cpu = time.perf_counter(), time.process_time()
             return True
 
         def _on_training_end(self) -> None:
