@@ -241,8 +241,13 @@ def run_smoke(steps: int, timeout: int, preset: str, batch_size: int) -> dict:
         errors = sorted((Path(out_dir) / "runs").rglob("error.txt"))
         if errors:  # the temporary directory goes away: keep what each failed job said
             out["errors"] = {str(e.relative_to(out_dir)): e.read_text().strip().splitlines()[-6:] for e in errors}
-        runs = sorted((Path(out_dir) / "runs" / "runs").glob("*/metrics.json"))
-        out["runs"] = {p.parent.name: json.loads(p.read_text()).get("final", {}) for p in runs}
+        runs = Path(out_dir) / "runs" / "runs"  # runs/<task>/<method>-r<rank>-s<seed>/metrics.json
+        out["runs"] = {}
+        for path in sorted(runs.rglob("metrics.json")):
+            metrics = json.loads(path.read_text())
+            out["runs"][str(path.parent.relative_to(runs))] = {
+                **metrics.get("final", {}), "train_seconds": metrics.get("train_seconds"),
+                "eva_seconds": metrics.get("eva_seconds")}
     return out
 
 
