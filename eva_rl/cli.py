@@ -411,6 +411,66 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 
+# --- expert, import (hub and experts own this block) ---------------------------------------------
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(float(x)) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts such as 100000,300000, got {text!r}") from None
+
+
+def _expert_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("train a Stable-Baselines3 SAC expert for a Gymnasium task with the RL Zoo's "
+                          "hyperparameters; its zips feed collect --policy sb3:PATH")
+    parser.add_argument("task", help="Gymnasium task named in envs/ (e.g. Hopper-v5, Pendulum-v1)")
+    parser.add_argument("--out", required=True, help="directory of the zips, the log and the resume state")
+    parser.add_argument("--steps", type=int, default=None, help="env steps in all (default: the RL Zoo's)")
+    parser.add_argument("--save-at", type=_int_list, default=(), metavar="N,N,...",
+                        help="also snapshot at these steps, e.g. 100000,300000 (an early one = a medium policy)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N", help="also snapshot every N steps")
+    parser.add_argument("--eval-episodes", type=int, default=5, help="deterministic episodes scored per snapshot")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest snapshot in --out")
+
+
+@command("expert", _expert_args)
+def _expert(args: argparse.Namespace) -> int:
+    from eva_rl.data.experts import ExpertConfig, train_expert
+
+    result = train_expert(ExpertConfig(task=args.task, out=args.out, steps=args.steps, save_at=args.save_at,
+                                       save_every=args.save_every, eval_episodes=args.eval_episodes,
+                                       seed=args.seed, resume=args.resume, threads=args.threads))
+    print(result.describe())
+    return 0
+
+
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("turn a plain transformers DecisionTransformerModel (a directory or a Hugging Face Hub id) "
+                          "into an eva-rl checkpoint that evaluate and finetune read")
+    parser.add_argument("source", help="model directory, or Hub model id ORG/NAME (from the HF cache; HF_HUB_OFFLINE respected)")
+    parser.add_argument("--task", required=True, help="task the model acts in (its dims are checked against the env)")
+    parser.add_argument("--out", required=True, help="directory of the eva-rl checkpoint to write")
+    parser.add_argument("--stats-from", nargs="+", default=None, metavar="DATASET",
+                        help="Minari dataset ids or paths the model was trained on (state mean/std, return scale)")
+    parser.add_argument("--metadata", default=None, metavar="FILE",
+                        help="JSON/YAML with state_mean, state_std, return_scale[, target_return] (e.g. from a model card)")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="steps of context the model was trained with (default: config.json's max_length, else 20)")
+    parser.add_argument("--target-return", type=float, default=None, help="raw return to condition on")
+
+
+@command("import", _import_args)
+def _import(args: argparse.Namespace) -> int:
+    from eva_rl.hub import import_model
+
+    result = import_model(args.source, args.task, args.out, stats_from=args.stats_from, metadata_file=args.metadata,
+                          context_length=args.context_length, target_return=args.target_return)
+    print(result.describe())
+    return 0
+
+
 # What a user can cause (bad paths, keys, values, outputs): one line. Anything else is a bug in
 # eva-rl or a dependency and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -422,6 +482,8 @@ SUMMARIES = {
     "finetune": "fine-tune a pretrained checkpoint on a task with fft, lora, dora, pissa, olora, adalora, eva or eva_dora",
     "report": "tables and plots from a directory of runs",
     "experiment": "run a grid of collect / pretrain / finetune runs, locally or on Ray",
+    "expert": "train a Stable-Baselines3 SAC expert (RL Zoo hyperparameters) whose zips feed collect --policy sb3:PATH",
+    "import": "turn a plain or published Decision Transformer (folder or Hub id) into an eva-rl checkpoint",
     "quickstart": "the whole pipeline at toy scale in a few minutes (configs/quickstart.yaml)",
 }
 
