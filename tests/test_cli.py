@@ -158,7 +158,7 @@ def test_evaluate_loads_its_config_from_yaml_overrides_and_flags(capsys, tmp_pat
 
 def test_evaluate_takes_its_target_returns_from_a_dataset(capsys, tmp_path: Path, monkeypatch) -> None:
     import eva_rl.evaluate as evaluate
-    from tests.test_trajectories import make_episode, write_minari
+    from tests.data.test_trajectories import make_episode, write_minari
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # write_minari writes there
     directory = write_minari(tmp_path / "minari", "eva-rl/toy-v0", [make_episode(3), make_episode(4, value=2.0)])

@@ -51,13 +51,17 @@ def make_batch(batch_size: int = 4, context: int = 5, seed: int = 0) -> dict[str
 
 # -- config and metadata ------------------------------------------------------------------------
 
-def test_presets_match_the_issue():
-    tiny = PolicyConfig.from_preset("tiny", state_dim=3, act_dim=1)
-    small = PolicyConfig.from_preset("small", state_dim=3, act_dim=1)
-    paper = PolicyConfig.from_preset("paper", state_dim=39, act_dim=4)
-    assert (tiny.hidden_size, tiny.n_layer, tiny.n_head, tiny.context_length) == (32, 1, 2, 5)
-    assert (small.hidden_size, small.n_layer, small.n_head, small.context_length) == (128, 3, 4, 20)
-    assert (paper.hidden_size, paper.n_layer, paper.n_head, paper.context_length, paper.dropout) == (512, 4, 8, 50, 0.2)
+@pytest.mark.parametrize("name", sorted(PolicyConfig.PRESETS))
+def test_a_preset_builds_the_model_it_names_and_takes_overrides(name):
+    config = PolicyConfig.from_preset(name, state_dim=3, act_dim=1)
+    model = DecisionTransformerModel(config.to_transformers())
+    blocks = model.encoder.h
+    assert len(blocks) == config.n_layer and blocks[0].attn.num_heads == config.n_head
+    assert model.embed_state.out_features == config.hidden_size and model.embed_state.in_features == 3
+    wider = PolicyConfig.from_preset(name, state_dim=3, act_dim=1, hidden_size=2 * config.hidden_size)
+    assert wider.hidden_size == 2 * config.hidden_size and wider.n_layer == config.n_layer  # the rest stays the preset's
+    with pytest.raises(ValueError, match="Unknown policy preset 'huge'"):
+        PolicyConfig.from_preset("huge", state_dim=3, act_dim=1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
