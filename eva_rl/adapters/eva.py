@@ -17,9 +17,11 @@ Rayleigh-Ritz (an oversampled block of p = 2 r rho columns, at least r rho + 8),
 batch is a few (d x d)(d x p) products; a full eigh (d^3, and slow on busy CPUs) is only used
 for matrices at most `eigh_max_width` wide. The sums add across
 processes, so under torch.distributed they are all-reduced and every rank gets the same A.
-After each batch a component has converged when its cosine with the previous batch's is >= tau
-(and the eigen-solver's residual for it is small); a matrix stops being fed once the
-components its current rank needs have converged, and the forward pass stops after the last
+After each batch the span of the top k components has converged when the smallest cosine of its
+principal angles with the previous batch's span is >= tau (and the eigen-solver's residuals for
+them are small): per span, not per component, since components with near-equal eigenvalues
+rotate into each other long after their span is stable. A matrix stops being fed once the span
+of the components its current rank needs has converged, and the forward pass stops after the last
 block that still has an unconverged matrix. Matrices whose inputs are identical (same tokens,
 same values) share one computation.
 
@@ -270,9 +272,20 @@ class _LayerStatistics:
             self.values, self.vectors = ritz, q
         current = self.vectors[:, :m]
         if self.previous is not None:
-            cosine = (current * self.previous).sum(0).abs().cpu()
-            self.converged = (cosine >= self.tau) & self.solved
+            # converged[k - 1]: the span of the top k components has converged, i.e. the smallest
+            # cosine of the principal angles between it and the last batch's is >= tau. Components
+            # with near-equal eigenvalues keep rotating into each other from batch to batch while
+            # the subspace they span, all that the captured variance depends on, is long stable:
+            # a per-component cosine waited for that rotation and took twice PEFT's batches.
+            overlap = (current.T @ self.previous).double().cpu()  # (m, m)
+            cosine = torch.stack([torch.linalg.svdvals(overlap[:k, :k]).min() for k in range(1, m + 1)])
+            solved = torch.cummin(self.solved.int(), 0).values.bool()  # the top k all solved
+            self.converged = (cosine >= self.tau) & solved
         self.previous = current.clone()
+
+    def subspace_converged(self, k: int) -> bool:
+        """Whether the span of the top `k` components has converged (k = 0: nothing to wait for)."""
+        return k == 0 or bool(self.converged[k - 1])
 
     def explained_variance_ratio(self) -> torch.Tensor:
         total = torch.diagonal(self.covariance()).sum().clamp(min=1e-30)
@@ -433,7 +446,7 @@ def _native(model: nn.Module, dt: nn.Module, names: Sequence[str], batches: Iter
                     stats[name].solve()
             if all(stats[n].previous is not None for n in names if n not in shared):
                 needed = _components_needed(stats, names, shared, rank * len(names), components)
-            active = [n for n in names if n not in shared and not bool(stats[n].converged[: needed[n]].all())]
+            active = [n for n in names if n not in shared and not stats[n].subspace_converged(needed[n])]
             for name in names:
                 if name in shared:
                     continue
@@ -458,7 +471,7 @@ def _native(model: nn.Module, dt: nn.Module, names: Sequence[str], batches: Iter
         backend="native", rank=rank, rho=rho, tau=tau, tokens=tokens, ranks=ranks,
         explained_variance_ratio={n: [float(v) for v in explained[n]] for n in names},
         batches={n: stats[shared.get(n, n)].batches for n in names},
-        converged={n: bool(stats[shared.get(n, n)].converged[: ranks[n]].all()) for n in names},
+        converged={n: stats[shared.get(n, n)].subspace_converged(ranks[n]) for n in names},
         batches_total=forwards, tokens_seen={n: int(stats[shared.get(n, n)].n) for n in names},
         shared_inputs=shared, seconds=0.0,
     )

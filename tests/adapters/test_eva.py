@@ -272,3 +272,22 @@ def test_a_policy_feeds_eva_the_same_rows_as_its_bare_dt() -> None:
     assert report.tokens_seen == bare.tokens_seen
     for name in via_dt:
         assert torch.allclose(via_policy[name], via_dt[name], atol=1e-5), name
+
+
+def test_a_span_of_components_with_equal_variance_converges_though_they_rotate() -> None:
+    from eva_rl.adapters.eva import _LayerStatistics
+
+    # two directions of equal variance: each batch picks its own basis of their plane, so single
+    # components never settle, while the plane they span (all the adapter's A depends on) does at once
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([3.0, 3.0, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1])
+    stats = _LayerStatistics("layer", width=8, components=2, eigh_max_width=64, seed=0, tau=0.99)
+    first_cosines = []
+    for _ in range(4):
+        stats.add(torch.randn(4000, 8, generator=generator) * scale)
+        previous = None if stats.previous is None else stats.previous[:, 0].clone()
+        stats.solve()
+        if previous is not None:
+            first_cosines.append(float((stats.vectors[:, 0] * previous).sum().abs()))
+    assert stats.subspace_converged(2) and stats.subspace_converged(0)
+    assert min(first_cosines) < 0.99  # the first component alone kept rotating in the plane
