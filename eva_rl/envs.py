@@ -325,7 +325,7 @@ def make_vector_env(tasks: Sequence[str], num_envs: int, seed: int, *, asynchron
     tasks = resolve_tasks(tasks)
     used = tasks[:num_envs]
     if len(used) > 1:
-        shapes = {task: _space_shapes(task) for task in used}
+        shapes = {task: space_shapes(task) for task in used}
         if len(set(shapes.values())) > 1:
             sizes = ", ".join(f"{task} {obs}/{act}" for task, (obs, act) in shapes.items())
             raise ValueError(
@@ -448,7 +448,7 @@ def _vector_env_worker(conn: Any, builder: Callable[[], gym.vector.VectorEnv]) -
 
 
 @functools.lru_cache(maxsize=None)
-def _space_shapes(task: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def space_shapes(task: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(observation shape, action shape) of `task`, without building a Meta-World env (about 1 s each)."""
     spec = task_spec(task)
     if spec.family == "metaworld":

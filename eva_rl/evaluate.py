@@ -31,13 +31,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 import eva_rl
 from eva_rl import stats
-from eva_rl.storage import atomic_path, write_text_atomic
-from eva_rl.envs import SubprocessVectorEnv, _space_shapes, expert_policy, make_vector_env, resolve_tasks, task_spec
+from eva_rl.storage import write_text_atomic
+from eva_rl.envs import SubprocessVectorEnv, space_shapes, expert_policy, make_vector_env, resolve_tasks
 from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
+from eva_rl.video import Video, render_size, select_gl_backend
 
 REFERENCE_KINDS = ("expert", "random")
 eva_rl._make_callable(__name__)  # so that eva_rl.evaluate(...) calls evaluate() below
@@ -267,7 +267,7 @@ def _check_policy_inputs(policy: DecisionTransformerPolicy, tasks: Sequence[str]
             raise ValueError(f"Target returns name {unknown}, which are not evaluated here (tasks: {list(tasks)}); "
                              f"fix the task name in --target-return TASK=VALUE, or evaluate that task.")
     for task in tasks:  # the spaces, from envs' cache: building a Meta-World env costs a second
-        obs_shape, act_shape = _space_shapes(task)
+        obs_shape, act_shape = space_shapes(task)
         policy.check_env(task, _Shape(obs_shape), _Shape(act_shape))
 
 
@@ -379,7 +379,7 @@ def _env_groups(task: str, seed: int, n_envs: int, *, horizon: int | None, async
     on one, the simulators on the other). Recording needs env 0 in this process."""
     kwargs: dict[str, Any] = dict(horizon=horizon, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     if render:
-        first = {"render_mode": "rgb_array", **_render_size(task)}
+        first = {"render_mode": "rgb_array", **render_size(task)}
         return [_EnvGroup(make_vector_env([task], n_envs, seed, first_env_kwargs=first, **kwargs), 0)]
     if not asynchronous or n_envs == 1:
         return [_EnvGroup(make_vector_env([task], n_envs, seed, **kwargs), 0)]
@@ -443,7 +443,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
     """All `episodes` episodes of one task: their records (env-major order), the steps taken, and
     the wall-clock, CPU and env-worker CPU seconds spent rolling out (first reset to last step)."""
     if video_path is not None:
-        _select_gl_backend()
+        select_gl_backend()
     groups = _env_groups(task, seed, n_envs, horizon=horizon, asynchronous=asynchronous,
                          render=video_path is not None)
     try:
@@ -456,7 +456,7 @@ def _rollout_task(agent: _Agent, task: str, episodes: int, seed: int, n_envs: in
         start, start_cpu, start_workers = time.perf_counter(), time.process_time(), _worker_cpu_seconds(groups)
         for group in groups:
             group.obs, _ = group.envs.reset()
-        video = _Video(video_path, envs.envs[0], task, video_every) if video_path is not None else None
+        video = Video(video_path, envs.envs[0], task, video_every) if video_path is not None else None
         # Each pass acts for every group in turn; a group's previous step is collected just before
         # it acts again, so with two asynchronous groups one steps while the other's actions are computed.
         while True:
@@ -492,7 +492,7 @@ def _act(group: _EnvGroup, agent: _Agent, tally: _Tally, act_space: Any) -> None
     group.send(actions, ids)
 
 
-def _collect(group: _EnvGroup, agent: _Agent, tally: _Tally, video: "_Video | None", bar: Any) -> None:
+def _collect(group: _EnvGroup, agent: _Agent, tally: _Tally, video: "Video | None", bar: Any) -> None:
     """Take in the results of the group's step: tally them, end episodes, reset the ended envs."""
     obs, rewards, terminated, truncated, info = group.receive()
     ids, rows = group.sent_ids, group.sent_ids - group.offset
@@ -523,64 +523,6 @@ def _info_flags(info: Mapping[str, Any], key: str, n_envs: int) -> np.ndarray:
     values = np.asarray(info[key]).astype(bool)
     present = np.asarray(info.get(f"_{key}", np.ones(n_envs, dtype=bool)), dtype=bool)
     return values & present
-
-
-# ------------------------------------------------------------------------------------------------
-# Video
-# ------------------------------------------------------------------------------------------------
-
-class _Video:
-    """The first episode of env 0: its reset frame and every `every`-th step's, written to
-    `path` as MP4 when the episode ends."""
-
-    def __init__(self, path: Path, env: Any, task: str, every: int) -> None:
-        self.path, self.env, self.every = path, env, every
-        self.flip = task_spec(task).family == "metaworld"
-        self.frames: list[np.ndarray] | None = [_frame(env, self.flip)]
-
-    def after_step(self, length: int, ended: bool) -> None:
-        """Env 0 took its `length`-th step of the episode (`ended`: the episode's last)."""
-        if self.frames is None:
-            return
-        if length % self.every == 0:
-            self.frames.append(_frame(self.env, self.flip))
-        if ended:
-            _write_video(self.path, self.frames, self.env, self.every)
-            self.frames = None
-
-
-def _select_gl_backend() -> None:
-    """MuJoCo offscreen rendering: EGL where a GPU is present, OSMesa otherwise (unless MUJOCO_GL is set)."""
-    if "MUJOCO_GL" not in os.environ:
-        os.environ["MUJOCO_GL"] = "egl" if torch.cuda.is_available() else "osmesa"
-
-
-def _frame(env: Any, flip: bool) -> np.ndarray:
-    frame = np.asarray(env.render())
-    # Meta-World's offscreen camera images come out upside down
-    return np.ascontiguousarray(frame[::-1]) if flip else frame
-
-
-def _render_size(task: str) -> dict[str, int]:
-    # 240 x 240 keeps OSMesa at a few frames per second; Gymnasium's MuJoCo envs take the same kwargs
-    return {"width": 240, "height": 240} if task_spec(task).family in ("metaworld", "mujoco") else {}
-
-
-def _write_video(path: Path, frames: list[np.ndarray], env: Any, every: int) -> None:
-    import imageio.v2 as imageio
-
-    frames = [np.asarray(f) for f in frames if f is not None]
-    if not frames:
-        raise ValueError(f"The env of {path.stem!r} rendered no frames; it cannot be recorded.")
-    # real-time playback: the env's frame rate over the frames skipped
-    fps = max(1, round(float(env.metadata.get("render_fps") or 30) / every))
-    try:
-        with atomic_path(path) as tmp:
-            imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
-    except Exception as exc:
-        if isinstance(exc, (ImportError, RuntimeError)) and "ffmpeg" in str(exc).lower():
-            raise RuntimeError("Writing MP4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from exc
-        raise
 
 
 @dataclass(frozen=True)
