@@ -44,6 +44,12 @@ def metaworld_dataset(task: str, episodes: int, horizon: int, noise: float, synt
                                                                 f"{episodes} episodes x {horizon} steps"
         except Exception as exc:  # no Meta-World here: say so and use data of its dims
             print(f"collection failed ({exc}); using synthetic data", file=sys.stderr)
+    return synthetic_dataset(episodes, horizon, task), f"synthetic random walks with Meta-World dims (39/4), " \
+                                                       f"{episodes} episodes x {horizon} steps"
+
+
+def synthetic_dataset(episodes: int = 40, horizon: int = 200, name: str = "synthetic") -> TrajectoryDataset:
+    """Random walks of Meta-World's dims: throughput and EVA's cost do not depend on the values."""
     rng = np.random.default_rng(0)
     eps = []
     for _ in range(episodes):
@@ -51,8 +57,7 @@ def metaworld_dataset(task: str, episodes: int, horizon: int, noise: float, synt
         eps.append({"observations": walk, "actions": np.tanh(rng.normal(size=(horizon, ACT_DIM))).astype(np.float32),
                     "rewards": rng.random(horizon).astype(np.float32), "terminations": np.zeros(horizon, bool),
                     "truncations": np.eye(1, horizon, horizon - 1, dtype=bool)[0]})
-    return TrajectoryDataset.from_episodes(eps, task), f"synthetic random walks with Meta-World dims (39/4), " \
-                                                       f"{episodes} episodes x {horizon} steps"
+    return TrajectoryDataset.from_episodes(eps, name)
 
 
 @torch.no_grad()

@@ -92,20 +92,12 @@ def _paper_policy(device, preset: str):
     return DecisionTransformerPolicy(config, metadata).to(device)
 
 
-def _synthetic_dataset(episodes: int = 40, horizon: int = 200):
-    """Random walks of Meta-World's dims: throughput and EVA's cost do not depend on the values."""
-    import numpy as np
+def _synthetic_dataset():
+    """bench/eva_init.py's random walks of Meta-World's dims (values do not change throughput or EVA's cost)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from eva_init import synthetic_dataset
 
-    from eva_rl.data.trajectories import TrajectoryDataset
-
-    rng = np.random.default_rng(0)
-    eps = []
-    for _ in range(episodes):
-        walk = np.cumsum(rng.normal(scale=0.05, size=(horizon + 1, STATE_DIM)), axis=0).astype(np.float32)
-        eps.append({"observations": walk, "actions": np.tanh(rng.normal(size=(horizon, ACT_DIM))).astype(np.float32),
-                    "rewards": rng.random(horizon).astype(np.float32), "terminations": np.zeros(horizon, bool),
-                    "truncations": np.eye(1, horizon, horizon - 1, dtype=bool)[0]})
-    return TrajectoryDataset.from_episodes(eps, "synthetic")
+    return synthetic_dataset()
 
 
 def _to(batch: dict, device) -> dict:
