@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eva_rl.experiment import ExperimentConfig, FinetuneStage, config_path, expand_grid, load_experiment, run_name
@@ -70,18 +71,21 @@ def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) ->
     from eva_rl.envs import resolve_tasks
     from eva_rl.experiment import finetune_jobs, pretrain_job
 
-    for name in ("quickstart.yaml", "cw10-cpu.yaml", "cw10-cpu-lite.yaml", "cw10-paper.yaml", "mujoco.yaml"):
+    for name in ("quickstart.yaml", "cw10-cpu.yaml", "cw10-cpu-lite.yaml", "cw10-cpu-data.yaml", "cw10-paper.yaml",
+                 "mujoco.yaml"):
         full = load_experiment(name)
         # one task and seed per config keeps this fast; every key is still checked by TrainConfig/FinetuneConfig
         config = load_experiment(name, [f"out_dir={tmp_path / name}", "finetune.seeds=[0]",
                                         f"finetune.tasks=[{resolve_tasks(list(full.finetune.tasks))[0]}]"])
+        swept = int(np.prod([len(values) for values in full.finetune.sweep.values()]))
         job = pretrain_job(config, resolve_tasks(list(config.pretrain.tasks)))
         assert job.config["out_dir"] == str(tmp_path / name / "pretrain") and job.config["data"]["paths"], name
         jobs = finetune_jobs(config, list(config.finetune.tasks), tmp_path / "model")
-        assert len(jobs) == len(full.finetune.methods) * len(full.finetune.ranks) - (len(full.finetune.ranks) - 1) * (
-            "fft" in full.finetune.methods), name
+        stage = config.finetune  # one run per seed (more where method_seeds says) and rank; fft has no rank
+        assert len(jobs) == swept * sum(len(stage.method_seeds.get(m, stage.seeds)) * (1 if m == "fft" else len(stage.ranks))
+                                        for m in stage.methods), name
         for job in jobs:
-            assert job.config["method"] == job.point["method"] and job.config["train"]["seed"] == 0
+            assert job.config["method"] == job.point["method"] and job.config["train"]["seed"] == job.point["seed"]
             assert job.config["train"]["out_dir"] == str(job.run_dir) and job.config["train"]["resume"] is True
             assert len(job.config["train"]["data"]["paths"]) == len(config.collect.noises)
     lite = load_experiment("cw10-cpu-lite.yaml")

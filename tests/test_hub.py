@@ -143,7 +143,8 @@ def test_cli_imports_a_hub_id_then_evaluates_and_finetunes(tmp_path, card):
                                 "--horizon", "10")
     cli("finetune", f"checkpoint={out}", "method=lora", "rank=2", f"train.data.paths=[{data.path}]",
         f"train.out_dir={tmp_path / 'ft'}", "train.steps=2", "train.batch_size=4", "train.eval_every=0",
-        "train.val_every=0", "train.checkpoint_every=2", "train.progress=false", "train.data.val_fraction=0.25")
+        "train.eval_steps=[]", "train.val_every=0", "train.checkpoint_every=2", "train.progress=false",
+        "train.data.val_fraction=0.25")
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
 
 

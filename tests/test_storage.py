@@ -1,6 +1,7 @@
 """Atomic files and directories: a failed or killed writer never loses the old version."""
 
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -162,20 +163,18 @@ _WRITERS = {
     """,
 }
 
-_SCRIPT = """
-import os, sys
-from pathlib import Path
-from eva_rl import storage
-{writer}
-root, step, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-if mode == "journal":
-    storage._exchange = lambda a, b: False
-def die_at(at):
-    if at == step:
-        os._exit(9)
-storage._after_rename = die_at
-write(root, 2)
-"""
+def _write_and_die(write, root, step: str, mode: str) -> None:
+    """In a forked child: write version 2 and die (os._exit) right after the rename `step`."""
+    if mode == "journal":
+        storage._exchange = lambda a, b: False
+
+    def die_at(at: str) -> None:
+        if at == step:
+            os._exit(9)
+
+    storage._after_rename = die_at
+    write(root, 2)
+    os._exit(0)
 
 
 @pytest.mark.slow
@@ -192,9 +191,12 @@ def test_a_replacement_killed_after_any_rename_leaves_a_whole_version(tmp_path, 
         root = tmp_path / str(i)
         root.mkdir()
         namespace["write"](root, 1)
-        killed = subprocess.run([sys.executable, "-c", _SCRIPT.format(writer=writer), str(root), step, mode],
-                                capture_output=True, text=True, timeout=300)
-        assert killed.returncode == 9, killed.stderr  # died at that rename, not before
+        # a forked child (the parent's imports already done) that dies with os._exit: no cleanup runs
+        child = multiprocessing.get_context("fork").Process(target=_write_and_die,
+                                                            args=(namespace["write"], root, step, mode))
+        child.start()
+        child.join(300)
+        assert child.exitcode == 9, (mode, step, child.exitcode)  # died at that rename, not before
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             assert namespace["read"](root) == expected, (mode, step)

@@ -343,7 +343,7 @@ def ddp_worker(out: Path, rank: int, port: int) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=300))
     try:
         dataset = tiny_dataset()
         config = tiny_config(out / "straight", "steps=8", "checkpoint_every=4")
