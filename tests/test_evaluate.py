@@ -203,8 +203,9 @@ def test_load_policy_applies_a_saved_adapter_to_its_base(tmp_path):
 
 # -- Meta-World: success flags through the vector env, and video -----------------------------------
 
-def _gl_backend_or_skip() -> None:
-    os.environ.setdefault("MUJOCO_GL", "egl" if torch.cuda.is_available() else "osmesa")
+def _gl_backend_or_skip(monkeypatch) -> None:
+    if "MUJOCO_GL" not in os.environ:  # through monkeypatch: the setting ends with the test
+        monkeypatch.setenv("MUJOCO_GL", "egl" if torch.cuda.is_available() else "osmesa")
     backend = os.environ["MUJOCO_GL"]
     try:
         if backend == "osmesa":
@@ -220,9 +221,8 @@ def _gl_backend_or_skip() -> None:
 
 
 @pytest.mark.slow
-def test_expert_succeeds_on_reach_and_the_first_episode_is_recorded(tmp_path):
-    pytest.importorskip("imageio_ffmpeg", reason="MP4 writing needs imageio-ffmpeg")
-    _gl_backend_or_skip()
+def test_expert_succeeds_on_reach_and_the_first_episode_is_recorded(tmp_path, monkeypatch):
+    _gl_backend_or_skip(monkeypatch)  # imageio-ffmpeg is a dependency: no importorskip that would hide its absence
     import imageio.v2 as imageio
 
     result = evaluate_reference("expert", "reach-v3", episodes=1, seed=0, num_envs=1, horizon=80,
