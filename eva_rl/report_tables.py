@@ -108,6 +108,8 @@ class Paired:
             return "no MDE (fewer than 2 pairs)"
         if self.mean_diff == 0:
             return "no difference"
+        if self.sd == 0:  # every pair differs by the same amount: an MDE of 0 would clear anything
+            return "no MDE (no spread over the pairs)"
         return "clears the MDE" if abs(self.mean_diff) >= self.mde80 else "below the MDE"
 
 

@@ -490,3 +490,13 @@ def test_old_format_runs_still_report(runs_dir: Path) -> None:
     # the curve area spans the evaluated steps 50..100: lora task-a s0 0.25 -> 0.5
     lora = next(r for r in result.runs if (r.method, r.task, r.seed) == ("lora", "task-a", 0))
     assert run_value(lora, "success_auc") == pytest.approx(0.375)
+
+
+def test_pairs_without_spread_get_no_verdict_rather_than_an_mde_of_zero() -> None:
+    from eva_rl.report_tables import Paired
+
+    same = Paired("adalora", "fft", "success", n_pairs=2, mean_diff=-0.15, stderr=0.0, n_better=0, sd=0.0, mde80=0.0)
+    assert same.verdict == "no MDE (no spread over the pairs)"
+    spread = Paired("eva", "lora", "success", n_pairs=4, mean_diff=0.05, stderr=0.07, n_better=3, sd=0.14, mde80=0.31)
+    assert spread.verdict == "below the MDE"
+    assert Paired("dora", "lora", "success", 2, 0.0, 0.0, 0, sd=0.0, mde80=0.0).verdict == "no difference"
