@@ -226,16 +226,25 @@ def matched_pairs(runs: Sequence[RunRecord], baseline: str) -> dict[str, list[tu
     return pairs
 
 
+# The EVA paper's claims about its own variants, each against the method it initialises differently
+PAPER_CLAIMS = (("eva", "lora"), ("eva_dora", "dora"))
+
+
 def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("lora", "fft"),
-                       measures: Sequence[str] = PAIRED_MEASURES) -> list[Paired]:
-    """Each variant minus each baseline method over the (task, seed) pairs both ran.
+                       measures: Sequence[str] = PAIRED_MEASURES,
+                       claims: Sequence[tuple[str, str]] = PAPER_CLAIMS) -> list[Paired]:
+    """Each variant minus each baseline method over the (task, seed) pairs both ran, plus the
+    (variant, baseline) `claims` whose baseline is not among `baselines` (eva_dora vs dora).
 
     Every method evaluates on the same starts, so a pair's difference has no start-to-start
     noise; `mde80` says how large a true difference these pairs would detect 80% of the time.
     """
     result = []
-    for baseline in baselines:
+    comparisons = [(b, None) for b in baselines] + [(b, v) for v, b in claims if b not in baselines]
+    for baseline, only in comparisons:
         for v, pairs in matched_pairs(runs, baseline).items():
+            if only is not None and v != only:
+                continue
             for measure in measures:
                 sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
                 matched = [(r, run_value(r, measure) - run_value(p, measure)) for r, p in pairs]

@@ -500,3 +500,15 @@ def test_pairs_without_spread_get_no_verdict_rather_than_an_mde_of_zero() -> Non
     spread = Paired("eva", "lora", "success", n_pairs=4, mean_diff=0.05, stderr=0.07, n_better=3, sd=0.14, mde80=0.31)
     assert spread.verdict == "below the MDE"
     assert Paired("dora", "lora", "success", 2, 0.0, 0.0, 0, sd=0.0, mde80=0.0).verdict == "no difference"
+
+
+def test_the_papers_claims_are_paired_against_their_own_baselines(tmp_path: Path) -> None:
+    from eva_rl.report_tables import paired_comparisons
+
+    for method in ("dora", "eva_dora"):
+        for seed in (0, 1):
+            write_new_run(tmp_path, method, "a", seed, {0: [1, 0, 0, 0], 100: [1, 1, seed, 0]})
+    runs = load_runs(_grid(tmp_path, seeds=(0, 1)))
+    pairs = {(p.variant, p.baseline) for p in paired_comparisons(runs)}
+    assert ("eva_dora", "dora") in pairs and ("eva", "lora") in pairs
+    assert not {(v, b) for v, b in pairs if b == "dora" and v != "eva_dora"}  # dora is a baseline for its claim only
