@@ -85,13 +85,7 @@ def plot_eva_ranks(runs: Sequence[RunRecord], path: Path) -> Path | None:
         mean = [np.mean([a.get(layer, 0) for a in allocs]) for layer in layers]
         ax.bar(x + i * width, mean, width, label=f"{variant} ({len(allocs)} runs)")
     ax.set_xticks(x + 0.4 - width / 2, [short_layer(layer) for layer in layers], rotation=90, fontsize=7)
-    ax.set_ylabel("rank")
-    ax.set_title("EVA rank allocation per layer (mean over runs)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, path, "", "rank", "EVA rank allocation per layer (mean over runs)")
 
 
 def plot_params_vs_success(runs: Sequence[RunRecord], path: Path) -> Path | None:
