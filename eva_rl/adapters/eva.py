@@ -2,7 +2,8 @@
 
 EVA initialises LoRA's A with the top right-singular vectors of each adapted matrix's inputs on
 the downstream task's data (B = 0), and may move rank to the matrices whose inputs have the
-most explained variance.
+most explained variance. (The module runs a little past 600 lines because it holds both the
+native EVA and PEFT's, the reference it is tested and benchmarked against, with its report.)
 
 Tokens: the DT interleaves three tokens per step, (return-to-go, state, action), so a window of
 K steps is 3K tokens: token 3k is the return of step k, 3k + 1 its state, 3k + 2 its action.
