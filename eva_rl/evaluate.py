@@ -48,11 +48,6 @@ _MEASURES = ("success", "return", "length")
 # Aggregates
 # ------------------------------------------------------------------------------------------------
 
-def interquartile_mean(values: Sequence[float] | np.ndarray) -> float:
-    """Mean of the middle 50%: drops floor(n/4) values at each end (`eva_rl.stats.iqm`)."""
-    return stats.iqm(np.asarray(values, dtype=np.float64).reshape(-1))
-
-
 def summarize(values: Sequence[float] | np.ndarray, *, n_bootstrap: int = 2000, seed: int = 0) -> dict[str, float]:
     """mean, stderr (`eva_rl.stats.mean_stderr`: sample std / sqrt(n), NaN for one value), iqm, and
     the percentile bootstrap 95% CI of the mean (`n_bootstrap` resamples seeded with `seed`), n."""
@@ -63,7 +58,7 @@ def summarize(values: Sequence[float] | np.ndarray, *, n_bootstrap: int = 2000, 
         raise ValueError(f"summarize got non-finite values: {x[~np.isfinite(x)][:5].tolist()}.")
     summary = stats.mean_stderr(x)
     low, high = stats.stratified_bootstrap_ci([x], lambda s: s.mean(axis=1), n_bootstrap=n_bootstrap, seed=seed)
-    return {"mean": summary.mean, "stderr": summary.stderr, "iqm": interquartile_mean(x),
+    return {"mean": summary.mean, "stderr": summary.stderr, "iqm": stats.iqm(x),
             "ci95_low": low, "ci95_high": high, "n": summary.n}
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from eva_rl import stats
 from eva_rl.evaluate import (EpisodeRecord, EvalResult, aggregate, evaluate, evaluate_reference,
-                             interquartile_mean, load_policy, summarize)
+                             load_policy, summarize)
 from eva_rl.policy import DecisionTransformerPolicy, PolicyConfig, PolicyMetadata
 
 PENDULUM = "Pendulum-v1"  # 3-dim obs, 1-dim action, never terminates: episodes last exactly the horizon
@@ -43,7 +44,7 @@ def test_summarize_exact_numbers():
     assert skewed["mean"] == 22.0
     assert skewed["iqm"] == 3.0  # floor(5/4) = 1 dropped at each end: mean of [2, 3, 4]
     assert skewed["stderr"] == pytest.approx(np.std([1, 2, 3, 4, 100], ddof=1) / math.sqrt(5))
-    assert interquartile_mean(list(range(8))) == 3.5  # drops 2 each end: mean of [2, 3, 4, 5]
+    assert stats.iqm(np.arange(8.0)) == 3.5  # drops 2 each end: mean of [2, 3, 4, 5]
 
     one = summarize([7.0])
     assert math.isnan(one.pop("stderr"))  # one value has no spread to estimate (eva_rl.stats' convention)
