@@ -5,8 +5,10 @@ expert with action noise, collected here; --synthetic uses random data of Meta-W
 instead), both backends run EVA (rank r, rho 1) on the same sequence of batches. Each is judged
 against the exact top-r components of the full centred covariance of every batch (float64):
 per layer, the fraction of the exact top-r variance its subspace captures. Prints times,
-batches used, that fraction (mean and worst layer), and EVA's time as a fraction of a
-fine-tuning run of the CPU experiment config (750 updates of batch 64, small preset).
+batches used, that fraction (mean and worst layer), and EVA's time as a fraction of the
+fine-tuning run it starts: for each preset, the updates and batch size its experiment config
+fine-tunes with (small: configs/cw10-cpu.yaml, paper: configs/cw10-paper.yaml), each update's
+time measured here on the same machine (a LoRA update, median of 10).
 
 Ends with one JSON line: value = native seconds (paper preset), reference = PEFT seconds
 (paper preset), ratio = reference / value (> 1: native is faster), plus per-preset details.
@@ -21,9 +23,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from eva_rl.adapters import methods
 from eva_rl.adapters.eva import _dt_forward, eva_state_dict, token_mask
@@ -95,9 +99,21 @@ def captured(a: torch.Tensor, cov: torch.Tensor) -> float:
     return float(torch.trace(q.T @ cov @ q) / top)
 
 
-def train_step_seconds(dataset: TrajectoryDataset, steps: int = 10, batch_size: int = 64) -> float:
-    """Seconds per LoRA update of the small preset at batch 64 (the CPU experiment's fine-tuning)."""
-    config = PolicyConfig.from_preset("small", state_dim=STATE_DIM, act_dim=ACT_DIM)
+# The experiment config whose fine-tuning runs each preset's EVA starts.
+FINETUNE_CONFIGS = {"small": "cw10-cpu.yaml", "paper": "cw10-paper.yaml"}
+
+
+def finetune_run_shape(preset: str) -> tuple[int, int, str]:
+    """(updates, batch size, config name) of a fine-tuning run in the preset's experiment config."""
+    name = FINETUNE_CONFIGS[preset]
+    path = Path(__file__).resolve().parent.parent / "configs" / name
+    train = yaml.safe_load(path.read_text())["finetune"]["overrides"]["train"]
+    return int(train["steps"]), int(train["batch_size"]), name
+
+
+def train_step_seconds(dataset: TrajectoryDataset, preset: str, batch_size: int, steps: int = 10) -> float:
+    """Seconds per LoRA update (rank 8) of the preset at the batch size, median over `steps` updates."""
+    config = PolicyConfig.from_preset(preset, state_dim=STATE_DIM, act_dim=ACT_DIM)
     policy = DecisionTransformerPolicy(config, PolicyMetadata.from_dataset(dataset)).train()
     methods.apply_method(policy, "lora", rank=8)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
@@ -171,12 +187,13 @@ def main() -> None:
                   f"mean {r['captured_mean']:.4f}, worst {r['captured_worst']:.4f} ({r['worst_layer']})"
                   + (f", not converged: {len(r['not_converged'])}" if r["not_converged"] else ""))
         print(f"{preset:5s} PEFT / native time: {row['ratio']:.2f}x")
-    step = train_step_seconds(dataset)
-    small = next((r for r in rows if r["preset"] == "small"), None)
-    fraction = small["native"]["seconds"] / (750 * step) if small else None
-    if fraction is not None:
-        print(f"fine-tuning run of the CPU config (750 updates x {step * 1000:.0f} ms): EVA native = "
-              f"{100 * fraction:.2f}% of it")
+    for row in rows:
+        updates, batch_size, config_name = finetune_run_shape(row["preset"])
+        step = train_step_seconds(dataset, row["preset"], batch_size)
+        run_seconds = updates * step
+        row["eva_fraction_of_finetune_run"] = row["native"]["seconds"] / (row["native"]["seconds"] + run_seconds)
+        print(f"{row['preset']:5s} fine-tuning run of {config_name} ({updates} updates x {step * 1000:.0f} ms at "
+              f"batch {batch_size}): EVA native = {100 * row['eva_fraction_of_finetune_run']:.3f}% of it")
     main_row = next((r for r in rows if r["preset"] == "paper"), rows[-1])
     print(json.dumps({"bench": "eva_init", "value": round(main_row["native"]["seconds"], 3), "unit": "s",
                       "reference": round(main_row["peft"]["seconds"], 3), "ratio": round(main_row["ratio"], 3),
@@ -185,8 +202,9 @@ def main() -> None:
                                                 "native_captured_worst": round(r["native"]["captured_worst"], 4),
                                                 "peft_captured_worst": round(r["peft"]["captured_worst"], 4),
                                                 "native_batches": r["native"]["batches"],
-                                                "peft_batches": r["peft"]["batches"]} for r in rows},
-                      "eva_fraction_of_finetune_run": None if fraction is None else round(fraction, 5)}))
+                                                "peft_batches": r["peft"]["batches"],
+                                                "eva_fraction_of_finetune_run":
+                                                    round(r["eva_fraction_of_finetune_run"], 6)} for r in rows}}))
 
 
 if __name__ == "__main__":

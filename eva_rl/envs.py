@@ -150,6 +150,16 @@ def _unknown_name_error(name: str) -> ValueError:
     )
 
 
+def normalized_score(task: str, episode_return: float) -> float | None:
+    """D4RL's normalised score of a return on `task`: 100 * (return - ref_min) / (ref_max - ref_min),
+    0 for the random policy and 100 for the reference expert; None where the task has no references
+    (every Meta-World task) or is not declared here."""
+    spec = _all_tasks().get(task)
+    if spec is None or spec.ref_min_score is None or spec.ref_max_score is None:
+        return None
+    return 100.0 * (float(episode_return) - spec.ref_min_score) / (spec.ref_max_score - spec.ref_min_score)
+
+
 def task_spec(name: str) -> TaskSpec:
     """The spec of task `name`; a ValueError listing close matches if no suite declares it."""
     try:

@@ -35,7 +35,8 @@ import numpy as np
 import eva_rl
 from eva_rl import stats
 from eva_rl.storage import write_text_atomic
-from eva_rl.envs import SubprocessVectorEnv, space_shapes, expert_policy, make_vector_env, resolve_tasks
+from eva_rl.envs import (SubprocessVectorEnv, space_shapes, expert_policy, make_vector_env, normalized_score,
+                         resolve_tasks)
 from eva_rl.policy import DecisionTransformerPolicy, PolicyMetadata, load_policy  # noqa: F401 (load_policy: also eva_rl.evaluate's)
 from eva_rl.video import Video, render_size, select_gl_backend
 
@@ -85,7 +86,8 @@ class EpisodeRecord:
 
 
 def aggregate(episodes: Sequence[EpisodeRecord], *, seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Per-task and suite summaries {measure: summarize(...)} for success (0/1), return and length.
+    """Per-task and suite summaries {measure: summarize(...)} for success (0/1), return and length,
+    and "score" (D4RL's normalised return, `envs.normalized_score`) where every task has references.
 
     The suite pools all episodes; every task has the same number of episodes, so its mean is
     also the mean of the per-task means."""
@@ -95,7 +97,11 @@ def aggregate(episodes: Sequence[EpisodeRecord], *, seed: int = 0) -> tuple[dict
     def measures(records: Sequence[EpisodeRecord]) -> dict[str, dict]:
         columns = {"success": [float(r.success) for r in records], "return": [r.episode_return for r in records],
                    "length": [float(r.length) for r in records]}
-        return {name: summarize(columns[name], seed=seed) for name in _MEASURES}
+        found = {name: summarize(columns[name], seed=seed) for name in _MEASURES}
+        scores = [normalized_score(r.task, r.episode_return) for r in records]
+        if all(score is not None for score in scores):
+            found["score"] = summarize(scores, seed=seed)
+        return found
 
     tasks = list(dict.fromkeys(r.task for r in episodes))
     per_task = {task: measures([r for r in episodes if r.task == task]) for task in tasks}
@@ -147,12 +153,15 @@ class EvalResult:
 
     def describe(self) -> str:
         """A plain-text table: one row per task, then the suite."""
-        rows = [("task", "episodes", "success", "return (mean +- se)", "return IQM", "length")]
+        scored = "score" in self.suite  # D4RL's normalised score, where the tasks have references
+        rows = [("task", "episodes", "success", "return (mean +- se)", "return IQM", "length")
+                + (("normalised score",) if scored else ())]
         for name, m in [*self.tasks.items(), ("suite", self.suite)]:
             rows.append((name, str(m["success"]["n"]),
                          f"{m['success']['mean']:.3f} +- {m['success']['stderr']:.3f}",
                          f"{m['return']['mean']:.1f} +- {m['return']['stderr']:.1f}",
-                         f"{m['return']['iqm']:.1f}", f"{m['length']['mean']:.0f}"))
+                         f"{m['return']['iqm']:.1f}", f"{m['length']['mean']:.0f}")
+                        + ((f"{m['score']['mean']:.1f} +- {m['score']['stderr']:.1f}",) if scored else ()))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 

@@ -254,7 +254,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
     for name, table in tables.items():
         if not table.cells:
             continue
-        basis = basis_lines(table, runs, episodes=name in ("success", "return", "success_auc"))
+        basis = basis_lines(table, runs, episodes=name in ("success", "return", "score", "success_auc"))
         sections += [f"## {MEASURES[name].title}", "", *(line + "\n" for line in basis), table.to_markdown(), ""]
         table.to_csv(out / f"{name}.csv")
         files.append(out / f"{name}.csv")
@@ -301,7 +301,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
 
 def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution]) -> list[str]:
     sections = ["## Paired differences (method − baseline over the same task × seed)", "",
-                "Success and curve area: higher is better; steps to fraction, training loss and held-out action "
+                "Success, curve area and normalised score: higher is better; steps to fraction, training loss and "
+                "held-out action "
                 "error: lower is better. `mde80`: the smallest true difference these pairs detect with 80% power "
                 "at 5% two-sided (t-based, from the SD of the paired differences; `eva_rl.stats`); a difference "
                 "below it is not resolved by this grid, whatever its sign.", "", _paired_markdown(paired), ""]

@@ -5,7 +5,8 @@ A run directory holds `metrics.json` (the training loop's), and, when an experim
 metrics.json:
 
 - "kind", "task", "method", "rank", "seed", "trainable_params", "final" {success_rate, ...};
-- "eval": evaluations sorted by step, {"step", "success_rate", "return_mean", ..., "per_task":
+- "eval": evaluations sorted by step, {"step", "success_rate", "return_mean", "score_mean" (D4RL's
+  normalised return, for tasks with reference scores), ..., "per_task":
   {task: {"successes", "episodes", "episode_success": [0/1 per episode], ...}}}; step 0 is the
   pretrained policy before any update, on the same starts for every method and seed;
 - "eval_protocol": {"seed", "episodes", "num_envs", "horizon", "target_returns", "steps"};
@@ -89,10 +90,10 @@ class RunRecord:
 
 
 def series(run: RunRecord, measure: str) -> list[tuple[int, float]]:
-    """(step, value) points of a run's curve: "success" and "return" from its evaluations,
+    """(step, value) points of a run's curve: "success", "return" and "score" from its evaluations,
     "train_loss" and "val_action_error" from their logs."""
-    if measure in ("success", "return"):
-        key = "success_rate" if measure == "success" else "return_mean"
+    if measure in ("success", "return", "score"):
+        key = {"success": "success_rate", "return": "return_mean", "score": "score_mean"}[measure]
         return sorted((int(e["step"]), float(e[key])) for e in run.metrics.get("eval") or []
                       if e.get(key) is not None and e.get("step") is not None)
     return sorted((int(s), float(v)) for s, v in run.metrics.get(measure) or [] if v is not None)
@@ -310,14 +311,15 @@ MEASURES: dict[str, Measure] = {
     m.name: m for m in (
         Measure("success", "Success rate", "success_rate", True, 2, "success"),
         Measure("return", "Return", "return_mean", True, 1, "return"),
+        Measure("score", "Normalised score (D4RL: 0 random, 100 expert)", "score_mean", True, 1, "score"),
         Measure("train_loss", "Final training loss", "train_loss", False, 4, "train_loss"),
         Measure("val_action_error", "Held-out action error", "val_action_error", False, 4, "val_action_error"),
         Measure("success_auc", "Area under the success curve (normalised)", "success_auc", True, 2),
         Measure("steps_to_fraction", "Steps to the fraction of final success", "steps_to_fraction", False, 0),
     )
 }
-TABLE_MEASURES = ("success", "return", "train_loss", "val_action_error", "success_auc")
-PAIRED_MEASURES = ("success", "success_auc", "steps_to_fraction", "train_loss", "val_action_error")
+TABLE_MEASURES = ("success", "return", "score", "train_loss", "val_action_error", "success_auc")
+PAIRED_MEASURES = ("success", "success_auc", "steps_to_fraction", "score", "train_loss", "val_action_error")
 
 
 def run_value(run: RunRecord, measure: str) -> float:

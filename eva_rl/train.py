@@ -608,7 +608,8 @@ def _metrics(config: TrainConfig, run_info: RunInfo, trainable: int, total: int,
         "train_loss": history["train_loss"], "val_action_error": history["val_action_error"],
         "eval": sorted(history["eval"], key=lambda entry: entry["step"]), "eval_protocol": protocol,
         "final": {key: final_eval.get(key)
-                  for key in ("success_rate", "success_stderr", "return_mean", "return_stderr")}
+                  for key in ("success_rate", "success_stderr", "return_mean", "return_stderr", "score_mean",
+                              "score_stderr")}
         | {"train_loss": _last(history["train_loss"]), "val_action_error": _last(history["val_action_error"])},
     }
 
@@ -630,10 +631,15 @@ def _eval_entry(result: Any, step: int) -> dict:
         per_task[task] = {"success_rate": float(measures["success"]["mean"]), "successes": sum(successes),
                           "episodes": len(records), "return_mean": float(measures["return"]["mean"]),
                           "episode_success": successes}
-    return {"step": step,
-            "success_rate": float(suite["success"]["mean"]), "success_stderr": float(suite["success"]["stderr"]),
-            "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"]),
-            "episodes": len(result.episodes), "per_task": per_task}
+        if "score" in measures:
+            per_task[task]["score_mean"] = float(measures["score"]["mean"])
+    entry = {"step": step,
+             "success_rate": float(suite["success"]["mean"]), "success_stderr": float(suite["success"]["stderr"]),
+             "return_mean": float(suite["return"]["mean"]), "return_stderr": float(suite["return"]["stderr"]),
+             "episodes": len(result.episodes), "per_task": per_task}
+    if "score" in suite:  # D4RL's normalised return, where the tasks have reference scores
+        entry.update(score_mean=float(suite["score"]["mean"]), score_stderr=float(suite["score"]["stderr"]))
+    return entry
 
 
 def _eval_protocol(config: TrainConfig, policy: nn.Module, tasks: tuple[str, ...]) -> dict:

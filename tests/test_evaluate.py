@@ -72,6 +72,21 @@ def test_aggregate_per_task_and_suite():
     assert suite["return"]["iqm"] == 15.0 and suite["success"]["n"] == 4
 
 
+def test_normalized_score_where_the_task_has_references():
+    # Hopper-v5's D4RL references (envs/mujoco.yaml): random -20.272305, expert 3234.3
+    lo, hi = -20.272305, 3234.3
+    episodes = [EpisodeRecord("Hopper-v5", i, i, i, ret, 1000, True) for i, ret in enumerate([lo, hi, 1607.0])]
+    per_task, suite = aggregate(episodes)
+    expected = [0.0, 100.0, 100 * (1607.0 - lo) / (hi - lo)]
+    assert per_task["Hopper-v5"]["score"]["mean"] == pytest.approx(np.mean(expected))
+    assert suite["score"]["stderr"] == pytest.approx(np.std(expected, ddof=1) / math.sqrt(3))
+    assert "normalised score" in EvalResult(episodes, per_task, suite).describe()
+    # Meta-World has no reference returns: no score, rather than a made-up one
+    per_task, suite = aggregate([EpisodeRecord("reach-v3", 0, 0, 0, 10.0, 5, True)])
+    assert "score" not in suite and "score" not in per_task["reach-v3"]
+    assert "normalised score" not in EvalResult([], per_task, suite).describe()
+
+
 def test_eval_result_json_round_trip(tmp_path):
     episodes = [EpisodeRecord("a", 0, 0, 3, 1.5, 4, True), EpisodeRecord("a", 1, 1, 4, 2.5, 4, False)]
     per_task, suite = aggregate(episodes)

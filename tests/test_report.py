@@ -339,6 +339,28 @@ def _grid(tmp_path: Path, seeds=(0, 1, 2)) -> Path:
     return tmp_path
 
 
+def test_normalised_score_table_and_paired_rows(tmp_path: Path) -> None:
+    """Runs on tasks with D4RL references record score_mean: the report tables it, base row
+    included, and pairs it; Meta-World runs (no score) get no score table."""
+    scores = {("lora", 0): 40.0, ("lora", 1): 50.0, ("eva", 0): 55.0, ("eva", 1): 58.0}
+    for (method, seed), score in scores.items():
+        run_dir = write_new_run(tmp_path, method, "Hopper-v5", seed, {0: [1, 0], 100: [1, 1]})
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        for entry in metrics["eval"]:
+            entry["score_mean"] = 20.0 if entry["step"] == 0 else score
+        metrics["final"]["score_mean"] = score
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    result = write_report(tmp_path, n_bootstrap=50, plots=False, tensorboard=False)
+    table = result.tables["score"]
+    assert table.variants == (report.BASE, "lora", "eva")
+    assert table.cells[(report.BASE, "Hopper-v5")].mean == 20.0 and table.cells[("eva", "Hopper-v5")].mean == 56.5
+    paired = next(p for p in result.paired if p.measure == "score" and p.variant == "eva" and p.baseline == "lora")
+    assert paired.mean_diff == pytest.approx(11.5) and paired.n_pairs == 2 and paired.n_better == 2
+    assert "Normalised score" in result.markdown and (result.out_dir / "score.csv").is_file()
+    plain = write_report(_grid(tmp_path / "mw"), n_bootstrap=50, plots=False, tensorboard=False)
+    assert not plain.tables["score"].cells and "Normalised score" not in plain.markdown
+
+
 def test_base_row_wilson_curve_csv_and_protocol(tmp_path: Path) -> None:
     result = write_report(_grid(tmp_path), n_bootstrap=50, plots=False, tensorboard=False)
     success = result.tables["success"]
