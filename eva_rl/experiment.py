@@ -62,14 +62,20 @@ class CollectStage:
     finetune_policy: str | None = None
     # Behaviour policy for the pretraining tasks; None = `policy`.
     pretrain_policy: str | None = None
-    # Per-task behaviour policy (task -> "sb3:PATH", ...), e.g. one SB3 expert per MuJoCo body.
-    task_policies: dict[str, str] = field(default_factory=dict)
+    # Per-task behaviour policies (task -> "sb3:PATH" or a list of them), e.g. one SB3 expert per
+    # MuJoCo body; a list gives one dataset per policy and noise level (a medium and an expert
+    # snapshot of one SB3 run: D4RL's medium-expert mixture).
+    task_policies: dict[str, str | list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.noises or any(n < 0 for n in self.noises):
             raise ValueError(f"collect.noises must be non-empty and >= 0, got {self.noises}.")
         if self.pretrain_episodes < 1 or self.finetune_episodes < 1:
             raise ValueError("collect.pretrain_episodes and collect.finetune_episodes must be >= 1.")
+        for task, policies in self.task_policies.items():
+            if not policies or not all(isinstance(p, str) and p for p in _as_list(policies)):
+                raise ValueError(f"collect.task_policies.{task} must be a policy (\"sb3:PATH\") or a non-empty list "
+                                 f"of them, got {policies!r}.")
 
 
 @dataclass(frozen=True)
@@ -322,8 +328,8 @@ def dataset_paths(config: ExperimentConfig, tasks: Sequence[str], which: str) ->
     from eva_rl.data.collect import dataset_id
 
     root = datasets_dir(config)
-    return [root / dataset_id(task, _task_policy(config.collect, task, which), noise)
-            for task in tasks for noise in config.collect.noises]
+    return [root / dataset_id(task, policy, noise)
+            for task in tasks for policy in _task_policies(config.collect, task, which) for noise in config.collect.noises]
 
 
 def datasets_dir(config: ExperimentConfig) -> Path:
@@ -331,9 +337,15 @@ def datasets_dir(config: ExperimentConfig) -> Path:
     return root.resolve()
 
 
-def _task_policy(collect: CollectStage, task: str, which: str) -> str:
+def _as_list(policies: str | Sequence[str]) -> list[str]:
+    return [policies] if isinstance(policies, str) else list(policies)
+
+
+def _task_policies(collect: CollectStage, task: str, which: str) -> list[str]:
+    """The behaviour policies whose data the task gets in stage `which`: its own (task_policies),
+    else the stage's, else `policy`."""
     specific = collect.pretrain_policy if which == "pretrain" else collect.finetune_policy
-    return collect.task_policies.get(task) or specific or collect.policy
+    return _as_list(collect.task_policies.get(task) or specific or collect.policy)
 
 
 def collect_stage(config: ExperimentConfig, pretrain_tasks: Sequence[str], finetune_tasks: Sequence[str],
@@ -347,7 +359,8 @@ def collect_stage(config: ExperimentConfig, pretrain_tasks: Sequence[str], finet
                                    ("finetune", finetune_tasks, config.collect.finetune_episodes)):
         by_policy: dict[str, list[str]] = {}
         for task in dict.fromkeys(tasks):
-            by_policy.setdefault(_task_policy(config.collect, task, which), []).append(task)
+            for policy in _task_policies(config.collect, task, which):
+                by_policy.setdefault(policy, []).append(task)
         for (policy, policy_tasks), noise in itertools.product(by_policy.items(), config.collect.noises):
             missing = [t for t in policy_tasks if not (root / dataset_id(t, policy, noise)).exists()]
             if not missing:

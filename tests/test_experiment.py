@@ -41,6 +41,26 @@ def test_method_seeds_give_some_methods_more_seeds() -> None:
         FinetuneStage(tasks=("task-a",), methods=("lora",), method_seeds={"lora": []})
 
 
+def test_task_policies_list_gives_a_dataset_per_policy(tmp_path: Path) -> None:
+    """A medium and an expert snapshot for one body: one dataset per policy and noise level, in
+    both stages; other tasks keep the stage's policy."""
+    from eva_rl.data.collect import dataset_id
+    from eva_rl.experiment import dataset_paths
+
+    path = tmp_path / "mj.yaml"
+    path.write_text("name: mj\nout_dir: out\ncollect:\n  policy: random\n  noises: [0.1, 0.3]\n  task_policies:\n"
+                    "    Hopper-v5: [sb3:m/Hopper-v5-sac-100000.zip, sb3:m/Hopper-v5-sac.zip]\n"
+                    "pretrain:\n  tasks: [Hopper-v5, Pendulum-v1]\nfinetune:\n  tasks: [Hopper-v5]\n  methods: [lora]\n")
+    config = load_experiment(path)
+    names = [f"{p.parent.name}/{p.name}" for p in dataset_paths(config, ["Hopper-v5", "Pendulum-v1"], "pretrain")]
+    assert names == [dataset_id("Hopper-v5", policy, noise)
+                     for policy in ("sb3:m/Hopper-v5-sac-100000.zip", "sb3:m/Hopper-v5-sac.zip") for noise in (0.1, 0.3)] \
+        + [dataset_id("Pendulum-v1", "random", noise) for noise in (0.1, 0.3)]
+    assert len(set(names)) == 6 and len(dataset_paths(config, ["Hopper-v5"], "finetune")) == 4
+    with pytest.raises(ValueError, match="task_policies.Hopper-v5 must be a policy"):
+        load_experiment(path, ["collect.task_policies={Hopper-v5: []}"])
+
+
 def test_experiment_yaml_loads_and_rejects_bad_keys(tmp_path: Path) -> None:
     path = tmp_path / "grid.yaml"
     path.write_text("name: g\nout_dir: out\npretrain:\n  tasks: [reach-v3]\n  overrides:\n    optim: {lr: 0.001}\n"
