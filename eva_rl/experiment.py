@@ -413,15 +413,15 @@ def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Pa
     defaults = config_to_dict(FinetuneConfig())
     runs = Path(config.out_dir).resolve() / "runs"
     points = expand_grid(stage, tasks)
-    names = [run_name(point) for point in points]
+    names = [run_name(_named_point(point, stage, base, checkpoint, config)) for point in points]
     if len(set(names)) < len(names):  # two swept values spelt alike once made shell-safe (e.g. "a b" and "a_b")
         twice = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"finetune.sweep gives two grid points the same run folder {twice[0]!r}: "
                          f"sweep values that differ in more than punctuation and spaces.")
     for point, name in zip(points, names):
-        legacy = legacy_run_name(point)
-        if legacy != name and not (runs / name).exists() and (runs / legacy).exists():
-            name = legacy  # a run made before folder names became shell-safe: keep using it
+        for older in (run_name(point), legacy_run_name(point)):  # folders of runs named before these rules
+            if older != name and not (runs / name).exists() and (runs / older).exists():
+                name = older
         run_dir = runs / name
         swept = {k: v for k, v in point.items() if k not in ("task", "method", "rank", "seed")}
         per_method = stage.method_overrides.get(point["method"]) or {}
@@ -430,6 +430,22 @@ def finetune_jobs(config: ExperimentConfig, tasks: Sequence[str], checkpoint: Pa
         jobs.append(Job(name, run_dir, resolved, point, cpus=stage.cpus_per_run, gpus=stage.gpus_per_run,
                         defaults=defaults))
     return jobs
+
+
+def _named_point(point: dict[str, Any], stage: FinetuneStage, base: Path | None, checkpoint: Path,
+                 config: ExperimentConfig) -> dict[str, Any]:
+    """The grid point without the swept keys whose value the config holds anyway (a sweep over
+    `train.data.episodes: [5, null]` at its default null): such a run is the unswept grid's run,
+    so it is named like it and another grid in the same out_dir (a lite recipe) shares it."""
+    swept = [k for k in point if k not in ("task", "method", "rank", "seed")]
+    if not swept:
+        return point
+    from eva_rl.finetune import FinetuneConfig
+
+    per_method = stage.method_overrides.get(point["method"]) or {}
+    keys = finetune_keys(point, checkpoint, dataset_paths(config, [point["task"]], "finetune"), Path("."))
+    unswept = flatten(resolve_config(FinetuneConfig, base, stage.overrides, per_method, keys))
+    return {k: v for k, v in point.items() if k not in swept or unswept.get(k, point) != _plain(v)}
 
 
 def finetune_keys(point: dict[str, Any], checkpoint: Path, paths: Sequence[Path], run_dir: Path) -> dict[str, Any]:

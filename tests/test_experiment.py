@@ -187,12 +187,34 @@ def test_dotted_sweep_keys_from_the_command_line_are_one_key(tmp_path: Path) -> 
                                     "finetune.ranks=[4]", "finetune.sweep.eva.rho=[1.0, 2.0]"])
     assert config.finetune.sweep == {"eva.rho": [1.0, 2.0]}
     jobs = finetune_jobs(config, ["push-v3"], tmp_path / "model")
-    assert [job.name for job in jobs] == ["push-v3/eva-r4-s0-eva.rho-1.0", "push-v3/eva-r4-s0-eva.rho-2.0"]
+    # rho 1.0 is the config's own value: that run is the unswept grid's, named like it
+    assert [job.name for job in jobs] == ["push-v3/eva-r4-s0", "push-v3/eva-r4-s0-eva.rho-2.0"]
     assert [job.config["eva"]["rho"] for job in jobs] == [1.0, 2.0]
+    assert jobs[0].point == {"task": "push-v3", "method": "eva", "rank": 4, "seed": 0, "eva.rho": 1.0}
     # a YAML's dotted sweep key and a command-line override of it: the override wins
     yaml_file = tmp_path / "grid.yaml"
     yaml_file.write_text("finetune:\n  tasks: [push-v3]\n  sweep:\n    eva.rho: [3.0]\n")
     assert load_experiment(yaml_file, ["finetune.sweep.eva.rho=[1.0]"]).finetune.sweep == {"eva.rho": [1.0]}
+
+
+def test_data_size_grid_shares_the_lite_grids_runs_at_all_episodes(tmp_path: Path) -> None:
+    """cw10-cpu-data sweeps train.data.episodes over [5, 10, 20, null]; at null (the default) its
+    runs are cw10-cpu-lite's, same folder and same config, so running both skips them once done."""
+    from eva_rl.experiment import finetune_jobs
+
+    out = [f"out_dir={tmp_path}"]
+    lite = {j.name: j for j in finetune_jobs(load_experiment("cw10-cpu-lite.yaml", out), ["push-back-v3"], tmp_path / "m")}
+    data = finetune_jobs(load_experiment("cw10-cpu-data.yaml", out), ["push-back-v3"], tmp_path / "m")
+    shared = [j for j in data if j.point["train.data.episodes"] is None]
+    assert shared and all(j.name in lite and j.config == lite[j.name].config for j in shared
+                          if not (j.point["method"] == "fft" and j.point["seed"] == 1))  # lite runs fft on seed 0 only
+    assert "push-back-v3/lora-r8-s0" in {j.name for j in shared}
+    assert {j.name for j in data if j.point["train.data.episodes"] == 5} >= {"push-back-v3/eva-r8-s1-train.data.episodes-5"}
+    # a folder made when the default value still named its run is found under that name
+    old = tmp_path / "runs" / "push-back-v3" / "dora-r8-s0-train.data.episodes-None"
+    old.mkdir(parents=True)
+    again = finetune_jobs(load_experiment("cw10-cpu-data.yaml", out), ["push-back-v3"], tmp_path / "m")
+    assert old in {j.run_dir for j in again}
 
 
 def test_runs_made_under_the_old_folder_names_are_still_found(tmp_path: Path) -> None:
