@@ -89,7 +89,7 @@ def test_readme_config_paths_work_from_any_directory(tmp_path: Path, monkeypatch
 
 def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) -> None:
     from eva_rl.envs import resolve_tasks
-    from eva_rl.experiment import finetune_jobs, pretrain_job
+    from eva_rl.experiment import dataset_paths, finetune_jobs, pretrain_job
 
     for name in ("quickstart.yaml", "cw10-cpu.yaml", "cw10-cpu-lite.yaml", "cw10-cpu-data.yaml", "cw10-paper.yaml",
                  "mujoco.yaml"):
@@ -107,7 +107,9 @@ def test_package_configs_resolve_against_the_pipeline_configs(tmp_path: Path) ->
         for job in jobs:
             assert job.config["method"] == job.point["method"] and job.config["train"]["seed"] == job.point["seed"]
             assert job.config["train"]["out_dir"] == str(job.run_dir) and job.config["train"]["resume"] is True
-            assert len(job.config["train"]["data"]["paths"]) == len(config.collect.noises)
+            assert job.config["train"]["data"]["paths"] == [str(p) for p in dataset_paths(config, [job.point["task"]],
+                                                                                          "finetune")]
+            assert len(job.config["train"]["data"]["paths"]) % len(config.collect.noises) == 0
     lite = load_experiment("cw10-cpu-lite.yaml")
     fft = [j for j in finetune_jobs(lite, ["hammer-v3"], tmp_path / "model") if j.point["method"] == "fft"]
     assert fft and all(j.config["train"]["optim"]["lr"] == 1e-4 for j in fft)  # method_overrides apply
