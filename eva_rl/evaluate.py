@@ -10,7 +10,9 @@ Protocol (the same for every agent, so numbers compare):
   ever stepped or counted;
 - `asynchronous=True` steps the envs in worker processes, in two groups pipelined with the
   policy (one group steps while the actions of the other are computed); every env sees the
-  same actions as in the synchronous loop, so the episodes are the same;
+  same actions as in the synchronous loop to float32 rounding (bit for bit on AVX2; on AVX-512
+  the BLAS rounds some row counts differently, and a long episode may then part ways), and each
+  mode by itself gives the same episodes on every run;
 - the Decision Transformer is conditioned on a per-task target return (default: the metadata's,
   the best return in the task's training data), decremented by each reward;
 - an episode succeeds if `info["success"]` was true at any of its steps.

@@ -173,7 +173,9 @@ def act(policy: DecisionTransformerPolicy, ctx: RolloutContext, obs: np.ndarray 
         env_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Actions (n, act_dim) float32 for raw observations `obs` (n, obs_dim) of `env_ids` (all
     envs when None), each conditioned on its own last K steps in `ctx`. One pass for all envs;
-    an env's action is the same, bit for bit, whichever other envs act in the same call."""
+    an env's action does not depend on which other envs act in the same call, to float rounding
+    (bit for bit where the BLAS rounds a row alike at any row count from 4, as MKL does on AVX2;
+    MKL's AVX-512 kernels differ between row counts in the last bit of float32)."""
     ids, n = ctx._rows(env_ids)
     states = normalize_observations(policy, obs)
     if states.shape[0] != n:
@@ -188,8 +190,9 @@ def act(policy: DecisionTransformerPolicy, ctx: RolloutContext, obs: np.ndarray 
     if n < _MIN_ROWS:
         # BLAS (MKL / oneDNN) rounds a product of 1-3 rows differently from the same rows in a
         # larger one. Acting on at least 4 rows (the last env repeated; its caches get the same
-        # values written twice) makes an env's action independent of which envs act beside it,
-        # so a pipelined evaluation acting for half the envs at a time equals the synchronous one.
+        # values written twice) makes an env's action independent of which envs act beside it on
+        # AVX2, so there a pipelined evaluation acting for half the envs at a time equals the
+        # synchronous one bit for bit; on AVX-512 the two agree to float32 rounding.
         listed = torch.arange(ids.start, ids.stop, device=ctx.device) if isinstance(ids, slice) else ids
         rows, n_rows = torch.cat([listed, listed[-1:].expand(_MIN_ROWS - n)]), _MIN_ROWS
     was_training = policy.training
