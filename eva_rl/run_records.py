@@ -265,12 +265,26 @@ def variant_label(run: RunRecord, keys: Sequence[str], *, show_rank: bool) -> st
 
 
 def variant_order(runs: Sequence[RunRecord]) -> tuple[str, ...]:
-    """Row order: the paper's method order, then rank, then label."""
+    """Row order: the paper's method order, then rank, then the values of the settings that tell
+    runs apart in their own order (numbers by value, so 5 episodes come before 10; None, i.e.
+    all, last), then label."""
+    keys = label_keys(runs)
+
     def key(run: RunRecord) -> tuple:
         method = run.method or ""
         order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        return (order, method, run.rank if run.rank is not None else -1, run.variant)
+        swept = tuple(_value_order(run.settings.get(k)) for k in keys)
+        return (order, method, run.rank if run.rank is not None else -1, swept, run.variant)
     return tuple(dict.fromkeys(r.variant for r in sorted(runs, key=key)))
+
+
+def _value_order(value: Any) -> tuple[int, float, str]:
+    """A sort key for any swept value: numbers by value, then the rest by their text, None last."""
+    if value is None:
+        return (2, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, json.dumps(value, sort_keys=True, default=str))
 
 
 def partner(run: RunRecord, candidates: Sequence[RunRecord], keys: Sequence[str]) -> RunRecord | None:

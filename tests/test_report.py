@@ -15,7 +15,7 @@ from scipy.stats import trim_mean
 from eva_rl import report, report_plots, report_tables, run_records, stats
 from eva_rl.report import (aggregate_scores, load_runs, mean_stderr, metric_table, paired_comparisons,
                            stratified_bootstrap_ci, write_report)
-from eva_rl.run_records import run_value
+from eva_rl.run_records import run_value, variant_order
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -460,6 +460,8 @@ def test_data_size_results(tmp_path: Path) -> None:
                               name=f"{method}-s{seed}-n{size}", config={"train.data.episodes": size})
     runs = load_runs(tmp_path)
     assert {"eva train.data.episodes=5", "lora train.data.episodes=all"} <= {r.variant for r in runs}
+    # rows by value, not by text ("10" < "5"), all last
+    assert variant_order(runs) == tuple(f"{m} train.data.episodes={n}" for m in ("lora", "eva") for n in (5, 10, "all"))
     groups, sizes, cells = report.data_size_table(runs)
     assert groups == ["lora", "eva"] and sizes == [5, 10, None]
     assert cells[("eva", "success", 10)].mean == pytest.approx(0.5)
