@@ -21,7 +21,7 @@ import numpy as np
 from eva_rl import stats
 from eva_rl.storage import write_text_atomic
 from eva_rl.run_records import (DATA_SIZE_KEY, MEASURES, PAIRED_MEASURES, RunRecord, base_value, label_keys, partner,
-                                run_value, setting_columns, variant_label, variant_order)
+                                run_value, setting_columns, value_order, variant_label, variant_order)
 from eva_rl.stats import MeanStderr as Cell
 from eva_rl.stats import iqm, mean_stderr, stratified_bootstrap_ci, suite_average
 
@@ -300,8 +300,9 @@ def data_size_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[Any], di
     keys = [k for k in label_keys(runs) if k != DATA_SIZE_KEY]
     show_rank = len({r.rank for r in runs if r.rank is not None}) > 1
     group_of = {r.path: variant_label(r, keys, show_rank=show_rank) for r in runs}
-    sizes = sorted({r.settings.get(DATA_SIZE_KEY) for r in runs}, key=lambda s: (s is None, s or 0))
-    groups = list(dict.fromkeys(group_of[r.path] for r in sorted(runs, key=lambda r: variant_order(runs).index(r.variant))))
+    sizes = sorted({r.settings.get(DATA_SIZE_KEY) for r in runs}, key=value_order)
+    by_variant = {v: [r for r in runs if r.variant == v] for v in variant_order(runs)}
+    groups = list(dict.fromkeys(group_of[r.path] for rows in by_variant.values() for r in rows))
     cells = {}
     for g in groups:
         for size in sizes:

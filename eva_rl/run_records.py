@@ -273,12 +273,12 @@ def variant_order(runs: Sequence[RunRecord]) -> tuple[str, ...]:
     def key(run: RunRecord) -> tuple:
         method = run.method or ""
         order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        swept = tuple(_value_order(run.settings.get(k)) for k in keys)
+        swept = tuple(value_order(run.settings.get(k)) for k in keys)
         return (order, method, run.rank if run.rank is not None else -1, swept, run.variant)
     return tuple(dict.fromkeys(r.variant for r in sorted(runs, key=key)))
 
 
-def _value_order(value: Any) -> tuple[int, float, str]:
+def value_order(value: Any) -> tuple[int, float, str]:
     """A sort key for any swept value: numbers by value, then the rest by their text, None last."""
     if value is None:
         return (2, 0.0, "")
