@@ -243,7 +243,8 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
     comparisons = [(b, None) for b in baselines] + [(b, v) for v, b in claims if b not in baselines]
     for baseline, only in comparisons:
         for v, pairs in matched_pairs(runs, baseline).items():
-            if only is not None and v != only:
+            # a claim names a method; its variants carry swept settings ("eva_dora train.data.episodes=5")
+            if only is not None and pairs[0][0].method != only:
                 continue
             for measure in measures:
                 sign = 1.0 if MEASURES[measure].higher_is_better else -1.0

@@ -536,3 +536,17 @@ def test_the_papers_claims_are_paired_against_their_own_baselines(tmp_path: Path
     pairs = {(p.variant, p.baseline) for p in paired_comparisons(runs)}
     assert ("eva_dora", "dora") in pairs and ("eva", "lora") in pairs
     assert not {(v, b) for v, b in pairs if b == "dora" and v != "eva_dora"}  # dora is a baseline for its claim only
+
+
+def test_a_claim_keeps_its_baseline_when_a_sweep_labels_the_variants(tmp_path: Path) -> None:
+    # the data-size grid labels every variant with its size; eva_dora vs dora must still be paired
+    from eva_rl.report_tables import paired_comparisons
+
+    for size, rate in ((5, [1, 0, 0, 0]), (None, [1, 1, 0, 0])):
+        for method in ("lora", "dora", "eva", "eva_dora"):
+            for seed in (0, 1):
+                write_new_run(tmp_path, method, "a", seed, {0: [0, 0, 0, 0], 100: rate[:3] + [seed]},
+                              name=f"{method}-s{seed}-n{size}", config={"train.data.episodes": size})
+    pairs = {(p.variant, p.baseline) for p in paired_comparisons(load_runs(tmp_path)) if p.measure == "success"}
+    assert {(f"eva_dora train.data.episodes={n}", "dora") for n in (5, "all")} <= pairs
+    assert not {(v, b) for v, b in pairs if b == "dora" and not v.startswith("eva_dora ")}
