@@ -35,8 +35,11 @@ def test_snapshot_steps_merge_save_at_and_save_every_and_end_at_the_total():
 
 
 @pytest.mark.slow
-def test_train_snapshot_resume_and_collect(tmp_path):
+def test_train_snapshot_resume_and_collect(tmp_path, monkeypatch):
+    import torch
     from stable_baselines3 import SAC
+
+    import eva_rl.data.collect as collect_module
 
     out = tmp_path / "experts"
     first = train_expert(ExpertConfig(task="Pendulum-v1", out=str(out), steps=200, save_at=(100,),
@@ -57,8 +60,15 @@ def test_train_snapshot_resume_and_collect(tmp_path):
     assert (expert_paths(out, "Pendulum-v1")["resume"] / "replay_buffer.pkl").is_file()
     assert SAC.load(first.path).num_timesteps == 300  # the final zip now holds the continued policy
 
+    rollout_threads = []
+    roll_out = collect_module._roll_out
+    monkeypatch.setattr(collect_module, "_roll_out",
+                        lambda *a: rollout_threads.append(torch.get_num_threads()) or roll_out(*a))
+    threads = torch.get_num_threads()
     episodes = collect_episodes("Pendulum-v1", CollectConfig(policy=f"sb3:{first.path}", noise=0.0,
                                                              episodes=1, horizon=20))
+    # one observation at a time: one torch thread while rolling out, the caller's afterwards
+    assert rollout_threads == [1] and torch.get_num_threads() == threads
     assert episodes[0]["actions"].shape == (20, 1)
     replay = SAC.load(first.path, device="cpu")
     expected, _ = replay.predict(episodes[0]["observations"][0], deterministic=True)
