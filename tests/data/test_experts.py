@@ -1,6 +1,7 @@
 """SAC experts: snapshots, resume, the Zoo's settings, and collect replaying the zips."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -94,3 +95,24 @@ def test_cli_writes_a_zip_collect_uses(tmp_path):
     done = subprocess.run(collect, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert any((tmp_path / "data").rglob("*.hdf5"))
+
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+# about half of what each final policy scored on this start when it was trained (100, 74, 67)
+FLOOR = {"Hopper-v5": 50.0, "Walker2d-v5": 35.0, "HalfCheetah-v5": 33.0}
+
+
+@pytest.mark.parametrize("task", ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5"])
+def test_the_shipped_experts_act_on_their_bodies_and_beat_their_medium_snapshots(task):
+    """configs/mujoco.yaml's behaviour policies (models/, trained by `eva-rl expert`): each loads
+    through collect's SB3 path, fits its body's spaces, and on the same seeded start the final
+    policy earns more than its 100k-step snapshot and than a D4RL-normalised score of FLOOR."""
+    from eva_rl.envs import normalized_score
+
+    returns = {}
+    for name in (f"{task}-sac-100000.zip", f"{task}-sac.zip"):
+        [episode] = collect_episodes(task, CollectConfig(policy=f"sb3:{MODELS / name}", noise=0.0, episodes=1))
+        returns[name] = float(episode["rewards"].sum())
+    score = normalized_score(task, returns[f"{task}-sac.zip"])
+    assert returns[f"{task}-sac.zip"] > returns[f"{task}-sac-100000.zip"], returns
+    assert score > FLOOR[task], (score, returns)
