@@ -113,7 +113,14 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
         key, equals, _ = item.partition("=")
         if not equals or not key.strip():
             raise ValueError(f"Override {item!r} is not of the form key=value (e.g. optim.lr=3e-4).")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item]), key.strip()))
+        try:
+            values = OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:  # the value is parsed as YAML
+            raise ValueError(
+                f"Override {item!r}: its value is not valid YAML ({_first_line(exc)}). Flow mappings need a "
+                f"space after each colon and quoting in the shell, e.g. 'finetune.method_seeds={{lora: [0, 1]}}'."
+            ) from None
+        layers.append((f"override {item!r}", values, key.strip()))
     merged = OmegaConf.structured(cls)
     for source, layer, key in layers:
         merged = _merge(cls, merged, layer, source, key)

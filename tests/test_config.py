@@ -111,6 +111,9 @@ def test_bad_override_form_and_interpolation():
         load_config(Run, None, ["steps"])
     with pytest.raises(ValueError, match="not of the form key=value"):
         load_config(Run, None, ["=3"])
+    with pytest.raises(ValueError, match=r"Override 'name=\{a:\[0\]\}': its value is not valid YAML") as error:
+        load_config(Run, None, ["name={a:[0]}"])  # a flow mapping without a space after the colon
+    assert_one_clean_line(error)
     message = r"Bad value for config key 'name': Interpolation key 'oops' not found"
     with pytest.raises(ValueError, match=message) as error:
         load_config(Run, None, ["name=${oops}"])
