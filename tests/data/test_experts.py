@@ -1,9 +1,9 @@
 """SAC experts: snapshots, resume, the Zoo's settings, and collect replaying the zips."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
