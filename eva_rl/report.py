@@ -9,6 +9,8 @@ Reads every `metrics.json` under a directory (`eva_rl.run_records`: the layout
   tasks as columns, mean +- standard error over seeds, the suite average, and for success the
   episode-level Wilson 95% interval beside it; each table says how many tasks, seeds and
   episodes it rests on and warns below 3 seeds (markdown in `report.md`, one CSV per measure);
+- per task, the lowest and highest final success over the methods, and whether every method is
+  at >= 0.95 (saturated) or <= 0.05 (floored), where success cannot tell them apart (`task_spread.csv`);
 - IQM and mean with stratified-bootstrap 95% CIs across tasks x seeds (`aggregate.csv`);
 - paired differences of every method to `lora` and to `fft` over the (task, seed) pairs both
   ran, for final success, curve area, steps to a fraction of final success, loss and held-out
@@ -38,9 +40,9 @@ import numpy as np
 
 from eva_rl.report_plots import (curve, plot_curves, plot_data_size, plot_eva_ranks, plot_params_vs_success,
                                  write_hparams)
-from eva_rl.report_tables import (BASE, MDE_TARGET, Aggregate, Paired, Resolution, Table, aggregate_scores,
-                                  data_size_table, format_cell, matched_pairs, metric_table, paired_comparisons,
-                                  resolutions, csv_number, write_rows)
+from eva_rl.report_tables import (BASE, FLOORED, MDE_TARGET, SATURATED, Aggregate, Paired, Resolution, Table,
+                                  TaskSpread, aggregate_scores, data_size_table, format_cell, matched_pairs,
+                                  metric_table, paired_comparisons, resolutions, csv_number, task_spreads, write_rows)
 from eva_rl.run_records import (DATA_SIZE_KEY, DEFAULT_FRACTION, MEASURES, METHOD_ORDER, TABLE_MEASURES, Measure,
                                 RunRecord, load_runs, read_eva_ranks, read_eva_report, run_files, run_value,
                                 setting_columns, short_layer, size_text, value_text, variant_order)
@@ -50,7 +52,7 @@ from eva_rl.storage import write_text_atomic
 # Names other code reaches through eva_rl.report (the report's readers, statistics and plots).
 __all__ = ["METHOD_ORDER", "MEASURES", "Measure", "RunRecord", "load_runs", "read_eva_ranks", "mean_stderr", "iqm",
            "stratified_bootstrap_ci", "suite_average", "curve", "plot_curves", "BASE", "Table", "Aggregate", "Paired",
-           "Resolution", "metric_table", "aggregate_scores", "matched_pairs", "paired_comparisons", "resolutions",
+           "Resolution", "TaskSpread", "task_spreads", "metric_table", "aggregate_scores", "matched_pairs", "paired_comparisons", "resolutions",
            "data_size_table", "format_cell", "write_report", "summary_table"]
 
 @dataclass(frozen=True)
@@ -167,6 +169,27 @@ def eva_rank_lines(runs: Sequence[RunRecord]) -> list[str]:
     return lines
 
 
+def task_spread_lines(spreads: Sequence[TaskSpread]) -> list[str]:
+    """Which tasks can tell the methods apart on final success: the spread of the methods per task."""
+    if not spreads:
+        return []
+    lines = ["### Which tasks can tell the methods apart", "",
+             f"Per task, the lowest and highest mean final success over the methods (the base row aside). On a "
+             f"task where every method scores ≥ {SATURATED:g} (saturated) or ≤ {FLOORED:g} (floored), success "
+             f"cannot tell them apart: such tasks add pairs whose differences are episode noise around 0 to the "
+             f"paired comparisons below.", "",
+             "| task | base | lowest | highest | verdict |", "| --- | --- | --- | --- | --- |"]
+    for s in spreads:
+        base = "" if s.base is None else f"{s.base:.2f}"
+        lines.append(f"| {s.task} | {base} | {s.lowest:.2f} ({s.lowest_variant}) | {s.highest:.2f} "
+                     f"({s.highest_variant}) | {s.verdict} |")
+    dead = [s for s in spreads if s.verdict != "informative"]
+    named = "; ".join(f"{s.task} ({s.verdict})" for s in dead)
+    lines += ["", f"{len(spreads) - len(dead)} of {len(spreads)} tasks are informative on final success"
+              + (f"; {len(dead)} are not: {named}." if dead else "."), ""]
+    return lines
+
+
 def data_size_lines(groups: Sequence[str], sizes: Sequence[Any], cells: dict) -> list[str]:
     lines = [f"Mean over tasks ± standard error over seeds, against `{DATA_SIZE_KEY}` (episodes per task).", ""]
     for measure in ("success", "success_auc", "train_loss", "val_action_error"):
@@ -258,6 +281,14 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
         sections += [f"## {MEASURES[name].title}", "", *(line + "\n" for line in basis), table.to_markdown(), ""]
         table.to_csv(out / f"{name}.csv")
         files.append(out / f"{name}.csv")
+        if name == "success":
+            spreads = task_spreads(table)
+            sections += task_spread_lines(spreads)
+            write_rows(out / "task_spread.csv", ["task", "base", "lowest", "lowest_method", "highest", "highest_method",
+                                                  "verdict"],
+                       [[s.task, "" if s.base is None else s.base, s.lowest, s.lowest_variant, s.highest,
+                         s.highest_variant, s.verdict] for s in spreads])
+            files.append(out / "task_spread.csv")
     aggregates = [a for m in TABLE_MEASURES for a in aggregate_scores(runs, m, n_bootstrap=n_bootstrap, seed=seed)]
     sections += ["## Aggregates over tasks x seeds (stratified bootstrap 95% CI)", "", _aggregate_markdown(aggregates), ""]
     write_rows(out / "aggregate.csv", ["method", "measure", "runs", "tasks", "mean", "mean_ci_low", "mean_ci_high",

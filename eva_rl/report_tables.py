@@ -27,6 +27,9 @@ from eva_rl.stats import iqm, mean_stderr, stratified_bootstrap_ci, suite_averag
 
 BASE = "base (step 0)"  # the pretrained policy before any update: the row every method must beat
 MDE_TARGET = 0.05  # the suite-average paired success difference the paper's claims need resolved
+# A task on which every method's final success is at least SATURATED, or at most FLOORED, cannot
+# tell the methods apart on success: its paired differences are zero up to episode noise.
+SATURATED, FLOORED = 0.95, 0.05
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,26 @@ class Resolution:
     grids: dict[str, tuple[int, int, int] | None]    # stats.grids_for_mde's answer
 
 
+@dataclass(frozen=True)
+class TaskSpread:
+    """The lowest and highest mean final success over the methods on one task (the base row aside)."""
+
+    task: str
+    base: float | None   # the pretrained policy's success (None: no step-0 evaluation)
+    lowest: float
+    lowest_variant: str
+    highest: float
+    highest_variant: str
+
+    @property
+    def verdict(self) -> str:
+        if self.lowest >= SATURATED:
+            return "saturated"
+        if self.highest <= FLOORED:
+            return "floored"
+        return "informative"
+
+
 # --- tables ----------------------------------------------------------------------------------------
 
 def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
@@ -148,6 +171,19 @@ def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
             average[v] = suite_average(points)
     episodes = _episode_table(runs, tasks) if measure == "success" else None
     return Table(measure, tuple(rows), tasks, cells, average, episodes or None)
+
+
+def task_spreads(table: Table) -> list[TaskSpread]:
+    """Per task of a success table, how far apart its methods (every row but `BASE`) lie."""
+    spreads = []
+    for task in table.tasks:
+        means = [(table.cells[(v, task)].mean, v) for v in table.variants if v != BASE and (v, task) in table.cells]
+        if not means:
+            continue
+        (low, low_variant), (high, high_variant) = min(means), max(means)
+        base = table.cells.get((BASE, task))
+        spreads.append(TaskSpread(task, None if base is None else base.mean, low, low_variant, high, high_variant))
+    return spreads
 
 
 def _base_points(runs: Sequence[RunRecord], measure: str) -> list[tuple[int, str, float]]:

@@ -550,3 +550,25 @@ def test_a_claim_keeps_its_baseline_when_a_sweep_labels_the_variants(tmp_path: P
     pairs = {(p.variant, p.baseline) for p in paired_comparisons(load_runs(tmp_path)) if p.measure == "success"}
     assert {(f"eva_dora train.data.episodes={n}", "dora") for n in (5, "all")} <= pairs
     assert not {(v, b) for v, b in pairs if b == "dora" and not v.startswith("eva_dora ")}
+
+
+def test_saturated_and_floored_tasks_are_named(tmp_path: Path) -> None:
+    """A task every method solves (or none does) is flagged; one where they differ is not; the
+    base row does not count as a method."""
+    base = [0, 0, 0, 0]
+    finals = {("lora", "easy"): [1, 1, 1, 1], ("eva", "easy"): [1, 1, 1, 1],
+              ("lora", "hard"): [0, 0, 0, 0], ("eva", "hard"): [0, 0, 0, 0],
+              ("lora", "mid"): [1, 0, 0, 0], ("eva", "mid"): [1, 1, 1, 0]}
+    for (method, task), flags in finals.items():
+        write_new_run(tmp_path, method, task, 0, {0: [1, 1, 1, 1] if task == "hard" else base, 100: flags})
+    result = write_report(tmp_path, n_bootstrap=50, plots=False, tensorboard=False)
+    spreads = {s.task: s for s in report.task_spreads(result.tables["success"])}
+    assert {t: s.verdict for t, s in spreads.items()} == {"easy": "saturated", "hard": "floored", "mid": "informative"}
+    assert (spreads["mid"].lowest, spreads["mid"].lowest_variant) == (0.25, "lora")
+    assert (spreads["mid"].highest, spreads["mid"].highest_variant) == (0.75, "eva")
+    assert spreads["hard"].base == 1.0  # the base solved it; the methods did not: still floored
+    assert "| mid | 0.00 | 0.25 (lora) | 0.75 (eva) | informative |" in result.markdown
+    assert "1 of 3 tasks are informative on final success; 2 are not: easy (saturated); hard (floored)." in result.markdown
+    with open(tmp_path / "report" / "task_spread.csv") as handle:
+        rows = {row["task"]: row for row in csv.DictReader(handle)}
+    assert rows["easy"]["verdict"] == "saturated" and float(rows["mid"]["highest"]) == 0.75
