@@ -181,8 +181,11 @@ def task_spread_lines(spreads: Sequence[TaskSpread]) -> list[str]:
              "| task | base | lowest | highest | verdict |", "| --- | --- | --- | --- | --- |"]
     for s in spreads:
         base = "" if s.base is None else f"{s.base:.2f}"
-        lines.append(f"| {s.task} | {base} | {s.lowest:.2f} ({s.lowest_variant}) | {s.highest:.2f} "
-                     f"({s.highest_variant}) | {s.verdict} |")
+        if s.lowest == s.highest:  # no method to name: they all scored the same
+            low = high = f"{s.lowest:.2f} (all)"
+        else:
+            low, high = f"{s.lowest:.2f} ({s.lowest_variant})", f"{s.highest:.2f} ({s.highest_variant})"
+        lines.append(f"| {s.task} | {base} | {low} | {high} | {s.verdict} |")
     dead = [s for s in spreads if s.verdict != "informative"]
     named = "; ".join(f"{s.task} ({s.verdict})" for s in dead)
     lines += ["", f"{len(spreads) - len(dead)} of {len(spreads)} tasks are informative on final success"

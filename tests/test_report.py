@@ -568,6 +568,7 @@ def test_saturated_and_floored_tasks_are_named(tmp_path: Path) -> None:
     assert (spreads["mid"].highest, spreads["mid"].highest_variant) == (0.75, "eva")
     assert spreads["hard"].base == 1.0  # the base solved it; the methods did not: still floored
     assert "| mid | 0.00 | 0.25 (lora) | 0.75 (eva) | informative |" in result.markdown
+    assert "| easy | 0.00 | 1.00 (all) | 1.00 (all) | saturated |" in result.markdown
     assert "1 of 3 tasks are informative on final success; 2 are not: easy (saturated); hard (floored)." in result.markdown
     with open(tmp_path / "report" / "task_spread.csv") as handle:
         rows = {row["task"]: row for row in csv.DictReader(handle)}
