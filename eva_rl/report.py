@@ -189,7 +189,7 @@ def task_spread_lines(spreads: Sequence[TaskSpread]) -> list[str]:
     dead = [s for s in spreads if s.verdict != "informative"]
     named = "; ".join(f"{s.task} ({s.verdict})" for s in dead)
     lines += ["", f"{len(spreads) - len(dead)} of {len(spreads)} tasks are informative on final success"
-              + (f"; {len(dead)} are not: {named}." if dead else "."), ""]
+              + (f"; {len(dead)} {'is' if len(dead) == 1 else 'are'} not: {named}." if dead else "."), ""]
     return lines
 
 

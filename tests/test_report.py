@@ -570,6 +570,9 @@ def test_saturated_and_floored_tasks_are_named(tmp_path: Path) -> None:
     assert "| mid | 0.00 | 0.25 (lora) | 0.75 (eva) | informative |" in result.markdown
     assert "| easy | 0.00 | 1.00 (all) | 1.00 (all) | saturated |" in result.markdown
     assert "1 of 3 tasks are informative on final success; 2 are not: easy (saturated); hard (floored)." in result.markdown
+    single = write_report(tmp_path, tmp_path / "one", run_dirs=[p.parent for p in tmp_path.glob("[em]*/*/metrics.json")],
+                          n_bootstrap=50, plots=False, tensorboard=False)
+    assert "1 of 2 tasks are informative on final success; 1 is not: easy (saturated)." in single.markdown
     with open(tmp_path / "report" / "task_spread.csv") as handle:
         rows = {row["task"]: row for row in csv.DictReader(handle)}
     assert rows["easy"]["verdict"] == "saturated" and float(rows["mid"]["highest"]) == 0.75
