@@ -52,8 +52,8 @@ from eva_rl.storage import write_text_atomic
 # Names other code reaches through eva_rl.report (the report's readers, statistics and plots).
 __all__ = ["METHOD_ORDER", "MEASURES", "Measure", "RunRecord", "load_runs", "read_eva_ranks", "mean_stderr", "iqm",
            "stratified_bootstrap_ci", "suite_average", "curve", "plot_curves", "BASE", "Table", "Aggregate", "Paired",
-           "Resolution", "TaskSpread", "task_spreads", "metric_table", "aggregate_scores", "matched_pairs", "paired_comparisons", "resolutions",
-           "data_size_table", "format_cell", "write_report", "summary_table"]
+           "Resolution", "TaskSpread", "task_spreads", "metric_table", "aggregate_scores", "matched_pairs",
+           "paired_comparisons", "resolutions", "data_size_table", "format_cell", "write_report", "summary_table"]
 
 @dataclass(frozen=True)
 class ReportResult:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import csv
 import sys
 
+from eva_rl.report_tables import PAPER_CLAIMS
+from eva_rl.run_records import MEASURES
 from eva_rl.stats import paired_difference
-
-CLAIMS = (("eva", "lora"), ("eva_dora", "dora"))
-LOWER_IS_BETTER = ("train_loss", "val_action_error")
 
 
 def pairs(path: str, variant: str, baseline: str, measure: str) -> list[float]:
@@ -31,12 +30,13 @@ def pairs(path: str, variant: str, baseline: str, measure: str) -> list[float]:
 def main(named_paths: list[str]) -> None:
     runs = dict(arg.split("=", 1) for arg in named_paths)
     for measure in ("success", "success_auc", "train_loss", "val_action_error"):
-        for variant, baseline in CLAIMS:
+        sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
+        for variant, baseline in PAPER_CLAIMS:
             pooled: list[float] = []
             for name, path in runs.items():
                 d = pairs(path, variant, baseline, measure)
                 pooled += d
-                better = sum((x < 0) if measure in LOWER_IS_BETTER else (x > 0) for x in d)
+                better = sum(sign * x > 0 for x in d)
                 p = paired_difference(d)
                 print(f"{measure:17s} {variant} vs {baseline:5s} {name:7s} {p.n:3d} pairs {p.mean:+.4f} ± "
                       f"{p.stderr:.4f}  mde80 {p.mde80:.4f}  better in {better}/{len(d)}")
