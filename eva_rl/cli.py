@@ -296,7 +296,9 @@ def _finetune(args: argparse.Namespace) -> int:
 # --- experiment, report, quickstart (experiment owns this block) --------------------------------
 
 def _report_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs_dir", help="directory of runs (an experiment's out_dir)")
+    parser.add_argument("runs_dir", nargs="+",
+                        help="directory of runs (an experiment's out_dir); several, as NAME=DIR or DIR, pool run "
+                             "trees of the same grid, each with its own pretrained model (needs --out)")
     parser.add_argument("--out", default=None, help="where to write the report (default: RUNS_DIR/report)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
@@ -308,14 +310,34 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
 def _report(args: argparse.Namespace) -> int:
     from eva_rl.report import write_report
 
-    check_output(args.out or Path(args.runs_dir) / "report", "--out (the report's directory)", directory=True)
+    trees = _run_trees(args.runs_dir)
+    if len(trees) > 1 and args.out is None:
+        raise ValueError(f"Pooling {len(trees)} run trees needs --out: the report's directory, e.g. "
+                         f"--out runs/pooled-report.")
+    runs = trees if len(trees) > 1 else next(iter(trees.values()))
+    check_output(args.out or Path(runs) / "report", "--out (the report's directory)", directory=True)
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
         raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}.")
     fraction = {} if args.fraction is None else {"fraction": args.fraction}
-    result = write_report(args.runs_dir, args.out, n_bootstrap=args.bootstrap, plots=not args.no_plots, **fraction)
+    result = write_report(runs, args.out, n_bootstrap=args.bootstrap, plots=not args.no_plots, **fraction)
     print(result.markdown)
     print(f"Report written to {result.out_dir}")
     return 0
+
+
+def _run_trees(arguments: Sequence[str]) -> dict[str, Path]:
+    """{name: directory} of `eva-rl report`'s NAME=DIR or DIR arguments (a bare DIR is named by its folder)."""
+    trees: dict[str, Path] = {}
+    for argument in arguments:
+        name, sep, folder = argument.partition("=")
+        sep = sep if not Path(argument).is_dir() else ""  # a folder whose name holds "=" is a DIR
+        path = Path(folder if sep else argument)
+        name = name if sep else path.resolve().name
+        if not name or name in trees:
+            raise ValueError(f"Run trees need distinct names; {argument!r} gives "
+                             f"{'an empty name' if not name else repr(name) + ' twice'}. Name each as NAME=DIR.")
+        trees[name] = path
+    return trees
 
 
 def _experiment_backend_args(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,8 +44,9 @@ from eva_rl.report_tables import (BASE, FLOORED, MDE_TARGET, SATURATED, Aggregat
                                   TaskSpread, aggregate_scores, data_size_table, format_cell, matched_pairs,
                                   metric_table, paired_comparisons, resolutions, csv_number, task_spreads, write_rows)
 from eva_rl.run_records import (DATA_SIZE_KEY, DEFAULT_FRACTION, MEASURES, METHOD_ORDER, TABLE_MEASURES, Measure,
-                                RunRecord, load_runs, read_eva_ranks, read_eva_report, run_files, run_value,
-                                setting_columns, short_layer, size_text, value_text, variant_order)
+                                RunRecord, load_replicates, load_runs, read_eva_ranks, read_eva_report, run_files,
+                                run_value, replicate_settings, setting_columns, short_layer, size_text, value_text,
+                                variant_order)
 from eva_rl.stats import iqm, mean_stderr, stratified_bootstrap_ci, suite_average
 from eva_rl.storage import write_text_atomic
 
@@ -123,7 +124,9 @@ def basis_lines(table: Table, runs: Sequence[RunRecord], *, episodes: bool) -> l
     if not seeds:
         return []
     low, high = min(seeds.values()), max(seeds.values())
-    text = f"Rests on {len(table.tasks)} tasks × {low if low == high else f'{low}-{high}'} seeds per cell"
+    trees = len({r.replicate for r in runs})
+    text = (f"Rests on {len(table.tasks)} tasks × {low if low == high else f'{low}-{high}'} seeds per cell"
+            + (f" (the seeds of all {trees} run trees)" if trees > 1 else ""))
     if episodes:
         counts = sorted({c[1] for r in runs if (c := r.episode_counts())})
         text += (f" × {'/'.join(map(str, counts))} evaluation episodes per task and run" if counts
@@ -215,21 +218,37 @@ def _aggregate_markdown(aggregates: Sequence[Aggregate]) -> str:
     return "\n".join(rows)
 
 
-def _paired_markdown(paired: Sequence[Paired]) -> str:
-    rows = ["| method | vs | measure | pairs (tasks × seeds) | difference ± stderr | mde80 | verdict | better in |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def _paired_markdown(paired: Sequence[Paired], *, pooled: bool = False) -> str:
+    """The paired table; pooled run trees add the models and the MDE over models, and rows of one
+    tree (`Paired.model`) name it."""
+    grid = "tasks × seeds × models" if pooled else "tasks × seeds"
+    extra = " mde80 over models |" if pooled else ""
+    rows = [f"| method | vs | measure |{' model |' if any(p.model for p in paired) else ''} pairs ({grid}) | "
+            f"difference ± stderr | mde80 |{extra} verdict | better in |"]
+    rows.append("|" + " --- |" * (rows[0].count("|") - 1))
     for p in paired:
         d = MEASURES[p.measure].digits
         err = f" ± {p.stderr:.{d}f}" if math.isfinite(p.stderr) else ""
-        mde = f"{p.mde80:.{d}f}" if math.isfinite(p.mde80) else "–"
-        rows.append(f"| {p.variant} | {p.baseline} | {p.measure} | {p.n_pairs} ({p.n_tasks} × {p.n_seeds}) | "
-                    f"{p.mean_diff:+.{d}f}{err} | {mde} | {p.verdict} | {p.n_better}/{p.n_pairs} |")
+        model = f" {p.model} |" if any(q.model for q in paired) else ""
+        size = f"{p.n_tasks} × {p.n_seeds}" + (f" × {p.models}" if pooled else "")
+        over_models = f" {_number(p.mde80_models, d)} |" if pooled else ""
+        rows.append(f"| {p.variant} | {p.baseline} | {p.measure} |{model} {p.n_pairs} ({size}) | "
+                    f"{p.mean_diff:+.{d}f}{err} | {_number(p.mde80, d)} |{over_models} {p.verdict} | "
+                    f"{p.n_better}/{p.n_pairs} |")
     return "\n".join(rows)
 
 
+def _number(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}" if math.isfinite(x) else "–"
+
+
 def _resolution_markdown(found: Sequence[Resolution]) -> str:
-    rows = ["| method | vs | tasks × seeds × episodes | mde80 | SD per pair | episode | seed | task | "
-            f"projected MDE | an MDE of {MDE_TARGET} needs |", "|" + " --- |" * 10]
+    pooled = any(res.parts.models > 1 for res in found)
+    grid = "tasks × seeds × episodes" + (" × models" if pooled else "")
+    models = " model | task × model |" if pooled else ""
+    rows = [f"| method | vs | {grid} | mde80 | SD per pair | episode | seed | task |{models} "
+            f"projected MDE | an MDE of {MDE_TARGET} needs |"]
+    rows.append("|" + " --- |" * (rows[0].count("|") - 1))
 
     def sd(variance: float) -> str:
         return f"{math.sqrt(variance):.3f}" if math.isfinite(variance) else "–"
@@ -238,44 +257,86 @@ def _resolution_markdown(found: Sequence[Resolution]) -> str:
         p, parts = res.paired, res.parts
         needs = "; ".join(f"{axis}: " + ("unreachable" if grid is None else " × ".join(map(str, grid)))
                           for axis, grid in res.grids.items())
-        rows.append(f"| {p.variant} | {p.baseline} | {parts.tasks} × {parts.seeds:g} × {parts.episodes} | "
-                    f"{p.mde80:.3f} | {sd(parts.total)} | {sd(parts.episode)} | {sd(parts.run)} | {sd(parts.task)} | "
-                    f"{res.projected:.3f} | {needs} |")
+        size = f"{parts.tasks} × {parts.seeds:g} × {parts.episodes}" + (f" × {parts.models}" if pooled else "")
+        model = f" {sd(parts.model)} | {sd(parts.interaction)} |" if pooled else ""
+        rows.append(f"| {p.variant} | {p.baseline} | {size} | {p.mde80:.3f} | {sd(parts.total)} | {sd(parts.episode)} | "
+                    f"{sd(parts.run)} | {sd(parts.task)} |{model} {res.projected:.3f} | {needs} |")
     return "\n".join(rows)
+
+
+def pooled_lines(trees: Mapping[str, Path], runs: Sequence[RunRecord]) -> list[str]:
+    """What a report pooled over several run trees rests on: each tree, and every setting that
+    differs between them (the pretrained checkpoint at least), with its value per tree."""
+    lines = ["## Pooled run trees", "",
+             f"{len(trees)} run trees of the same grid, each taken as one pretrained model: runs pair only within "
+             f"their tree, a table cell's seeds are the seeds of every tree, and the paired rows pool the pairs of "
+             f"every tree (what holds on these {len(trees)} models; `mde80`). `mde80 over models` treats the trees "
+             f"as a sample of pretrained models: the t-based MDE of their {len(trees)} mean differences "
+             f"({len(trees) - 1} degree{'s' if len(trees) > 2 else ''} of freedom).", "",
+             "| model | runs | folder |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {sum(1 for r in runs if r.replicate == name)} | {root} |" for name, root in trees.items()]
+    keys = replicate_settings(runs)
+    lines += ["", "Settings that differ between the trees: " + (", ".join(f"`{k}`" for k in keys) if keys else
+                                                                 "none recorded") + ".", ""]
+    for key in keys:
+        values = {name: sorted({_short(value_text(r.settings.get(key))) for r in runs if r.replicate == name})
+                  for name in trees}
+        lines.append(f"- `{key}`: " + "; ".join(f"{name} {' / '.join(v)}" for name, v in values.items()))
+    return lines + [""] if keys else lines
+
+
+def _short(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 # --- the report ----------------------------------------------------------------------------------
 
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_bootstrap: int = 2000, seed: int = 0,
-                 plots: bool = True, tensorboard: bool = True, run_dirs: Iterable[str | Path] | None = None,
-                 fraction: float = DEFAULT_FRACTION) -> ReportResult:
+def write_report(runs_dir: str | Path | Mapping[str, str | Path], out_dir: str | Path | None = None, *,
+                 n_bootstrap: int = 2000, seed: int = 0, plots: bool = True, tensorboard: bool = True,
+                 run_dirs: Iterable[str | Path] | None = None, fraction: float = DEFAULT_FRACTION) -> ReportResult:
     """Write report.md, CSVs, PNG plots and a tensorboard hparams view for the runs in `runs_dir`
     (only those in `run_dirs` when given). `fraction`: the share of its final success whose
     first evaluated step a run's `steps_to_fraction` records.
 
+    runs_dir may map names to several run trees of the same grid, each with its own pretrained
+    model ({"intel": "runs/a", "zen4": "runs/b"}): the report pools them (`load_replicates`), names
+    what differs between them, and gives the paper's claims per tree; out_dir is then required.
     out_dir defaults to `runs_dir/report`. Raises FileNotFoundError when no fine-tuning run
     has a metrics.json yet.
     """
-    root = Path(runs_dir)
+    trees = ({str(name): Path(path) for name, path in runs_dir.items()} if isinstance(runs_dir, Mapping)
+             else {"": Path(runs_dir)})
+    pooled = len(trees) > 1
+    if pooled and (out_dir is None or run_dirs is not None):
+        raise ValueError("A report over several run trees needs out_dir (it has no single runs_dir to write into) "
+                         "and takes no run_dirs.")
+    if not trees:
+        raise ValueError("write_report needs a runs directory.")
     run_dirs = None if run_dirs is None else list(run_dirs)  # read twice: runs, then failed runs
-    runs = load_runs(root, run_dirs=run_dirs, fraction=fraction)
+    root = next(iter(trees.values()))
+    runs = (load_replicates(trees, fraction=fraction) if pooled
+            else load_runs(root, run_dirs=run_dirs, fraction=fraction))
     if not runs:
         raise FileNotFoundError(
-            f"No fine-tuning metrics.json under {str(root)!r}. Run `eva-rl experiment CONFIG` (or "
-            f"`eva-rl finetune`) first, and pass the directory that holds the runs.")
+            f"No fine-tuning metrics.json under {', '.join(repr(str(p)) for p in trees.values())}. Run "
+            f"`eva-rl experiment CONFIG` (or `eva-rl finetune`) first, and pass the directory that holds the runs.")
     out = Path(out_dir) if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    sections = [f"# Report: {root}", "",
+    title = (f"pooled over {len(trees)} run trees ({', '.join(trees)})" if pooled else str(root))
+    sections = [f"# Report: {title}", "",
                 f"{len(runs)} fine-tuning runs; cells are mean ± standard error over seeds, and for success the "
                 f"episode-level Wilson 95% interval (episodes pooled over seeds) in brackets; the average is the "
                 f"mean over tasks; `{BASE}` is the pretrained policy before any update. Steps to fraction: the "
                 f"first evaluated step reaching {fraction:g} of the run's final success.", ""]
     sections += [line + "\n" for line in protocol_lines(runs) + missing_lines(runs)]
-    failed = _failed_runs(root, run_dirs)
+    if pooled:
+        sections += pooled_lines(trees, runs)
+    failed = [(name, path) for name, tree in trees.items() for path in _failed_runs(tree, run_dirs)]
     if failed:
         sections += [f"**{len(failed)} runs failed** (see error.txt in each): "
-                     + ", ".join(str(p.relative_to(root)) for p in failed), ""]
+                     + ", ".join(str(path.relative_to(trees[name])) + (f" ({name})" if name else "")
+                                 for name, path in failed), ""]
     tables = {m: metric_table(runs, m) for m in TABLE_MEASURES}
     for name, table in tables.items():
         if not table.cells:
@@ -301,11 +362,14 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
     paired = paired_comparisons(runs)
     found = resolutions(runs, paired)
     if paired:
-        sections += _paired_sections(paired, found)
-        write_rows(out / "paired.csv", ["method", "baseline", "measure", "pairs", "tasks", "seeds", "episodes",
-                                         "mean_diff", "stderr", "sd", "mde80", "verdict", "better"],
-                    [[p.variant, p.baseline, p.measure, p.n_pairs, p.n_tasks, p.n_seeds, p.episodes, p.mean_diff,
-                      p.stderr, p.sd, p.mde80, p.verdict, p.n_better] for p in paired])
+        sections += _paired_sections(paired, found, pooled=pooled)
+        models = ["model", "models", "model_sd", "mde80_models"] if pooled else []
+        write_rows(out / "paired.csv", ["method", "baseline", "measure", *models, "pairs", "tasks", "seeds",
+                                         "episodes", "mean_diff", "stderr", "sd", "mde80", "verdict", "better"],
+                    [[p.variant, p.baseline, p.measure, *([p.model, p.models, p.model_sd, p.mde80_models] if pooled
+                                                         else []),
+                      p.n_pairs, p.n_tasks, p.n_seeds, p.episodes, p.mean_diff, p.stderr, p.sd, p.mde80, p.verdict,
+                      p.n_better] for p in paired])
         files.append(out / "paired.csv")
     groups, sizes, size_cells = data_size_table(runs)
     if size_cells:
@@ -313,7 +377,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
     eva_lines = eva_rank_lines(runs)
     if eva_lines:
         sections += ["## EVA ranks per layer (mean over runs)", "", *eva_lines]
-    files += [_write_runs_csv(out / "runs.csv", runs, root), _write_curve_csv(out / "success_curve.csv", runs, root)]
+    files += [_write_runs_csv(out / "runs.csv", runs, trees), _write_curve_csv(out / "success_curve.csv", runs, trees)]
     if plots:
         made = [plot_curves(runs, m, out / f"{m}_vs_steps.png") for m in ("success", "train_loss", "val_action_error")]
         made += [plot_data_size(groups, sizes, size_cells, out / "success_vs_data_size.png"),
@@ -333,13 +397,21 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, n_b
                         tuple(found))
 
 
-def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution]) -> list[str]:
+def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution], *, pooled: bool = False) -> list[str]:
+    per_model = [p for p in paired if p.model]
+    paired = [p for p in paired if not p.model]
     sections = ["## Paired differences (method − baseline over the same task × seed)", "",
                 "Success, curve area and normalised score: higher is better; steps to fraction, training loss and "
                 "held-out action "
                 "error: lower is better. `mde80`: the smallest true difference these pairs detect with 80% power "
                 "at 5% two-sided (t-based, from the SD of the paired differences; `eva_rl.stats`); a difference "
-                "below it is not resolved by this grid, whatever its sign.", "", _paired_markdown(paired), ""]
+                "below it is not resolved by this grid, whatever its sign.", "", _paired_markdown(paired, pooled=pooled),
+                ""]
+    if per_model:
+        sections += ["### The paper's claims per pretrained model", "",
+                     "Each run tree's own pairs: when the trees disagree beyond their MDEs, the pooled row above "
+                     "averages over a model-to-model difference rather than measuring one effect.", "",
+                     _paired_markdown(per_model), ""]
     below = [p for p in paired if p.measure == "success" and p.verdict == "below the MDE"]
     if below:
         sections += ["Below the MDE (final success): " + "; ".join(
@@ -359,28 +431,37 @@ def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution]) -> l
     return sections
 
 
-def _write_runs_csv(path: Path, runs: Sequence[RunRecord], root: Path) -> Path:
+def _identity(r: RunRecord, trees: Mapping[str, Path]) -> list[Any]:
+    """A run's first columns: (model, when trees are pooled,) its folder in its tree, task, method, rank, seed, row."""
+    model = [r.replicate] if len(trees) > 1 else []
+    return [*model, str(r.path.relative_to(trees[r.replicate])), r.task, r.method, r.rank, r.seed, r.variant]
+
+
+def _identity_header(trees: Mapping[str, Path]) -> list[str]:
+    return [*(["model"] if len(trees) > 1 else []), "run", "task", "method", "rank", "seed", "variant"]
+
+
+def _write_runs_csv(path: Path, runs: Sequence[RunRecord], trees: Mapping[str, Path]) -> Path:
     """One row per run: identity, every setting that differs between runs (by dotted key), measures."""
     columns = setting_columns(runs)
-    write_rows(path, ["run", "task", "method", "rank", "seed", "variant", *columns, "trainable_params",
-                       *MEASURES, "episodes"],
-                [[str(r.path.relative_to(root)), r.task, r.method, r.rank, r.seed, r.variant,
+    write_rows(path, [*_identity_header(trees), *columns, "trainable_params", *MEASURES, "episodes"],
+                [[*_identity(r, trees),
                   *(value_text(r.settings[k]) if r.settings.get(k) is not None else "" for k in columns),
                   r.metrics.get("trainable_params"), *(csv_number(run_value(r, m)) for m in MEASURES),
                   (r.episode_counts() or ("", ""))[1]] for r in runs])
     return path
 
 
-def _write_curve_csv(path: Path, runs: Sequence[RunRecord], root: Path) -> Path:
+def _write_curve_csv(path: Path, runs: Sequence[RunRecord], trees: Mapping[str, Path]) -> Path:
     """One row per run and evaluation step (step 0 = the base policy when recorded)."""
     rows = []
     for r in runs:
         for e in sorted(r.metrics.get("eval") or [], key=lambda e: int(e.get("step", 0))):
             counts = r.episode_counts(int(e["step"])) or ("", "", None)
-            rows.append([str(r.path.relative_to(root)), r.task, r.method, r.rank, r.seed, r.variant, int(e["step"]),
-                         e.get("success_rate"), e.get("success_stderr"), e.get("return_mean"), counts[0], counts[1]])
-    write_rows(path, ["run", "task", "method", "rank", "seed", "variant", "step", "success_rate", "success_stderr",
-                       "return_mean", "successes", "episodes"], rows)
+            rows.append([*_identity(r, trees), int(e["step"]), e.get("success_rate"), e.get("success_stderr"),
+                         e.get("return_mean"), counts[0], counts[1]])
+    write_rows(path, [*_identity_header(trees), "step", "success_rate", "success_stderr", "return_mean", "successes",
+                       "episodes"], rows)
     return path
 
 

@@ -24,7 +24,7 @@ def curve(runs: Sequence[RunRecord], measure: str) -> tuple[np.ndarray, np.ndarr
     seed-to-seed spread rather than how far apart the tasks lie."""
     curves = [(r, dict(series(r, measure))) for r in runs]
     steps = np.array(sorted({step for _, points in curves for step in points}), dtype=int)
-    cells = [suite_average((r.seed, str(r.task), points.get(int(step))) for r, points in curves) for step in steps]
+    cells = [suite_average((r.unit, str(r.task), points.get(int(step))) for r, points in curves) for step in steps]
     return (steps, np.array([c.mean for c in cells]),
             np.array([c.stderr if math.isfinite(c.stderr) else 0.0 for c in cells]))
 
@@ -169,6 +169,8 @@ def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
     with SummaryWriter(log_dir=str(log_dir)) as writer:
         for r in runs:
             hparams: dict[str, Any] = {"task": str(r.task), "seed": r.seed, "method": str(r.method)}
+            if r.replicate:
+                hparams["model"] = r.replicate
             for key, value in {**r.point, **{k: r.settings[k] for k in columns if k in r.settings}}.items():
                 hparams[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
             final = {f"final/{m}": run_value(r, m) for m in MEASURES if math.isfinite(run_value(r, m))}

@@ -104,6 +104,10 @@ class Paired:
     n_tasks: int = 0
     n_seeds: int = 0
     episodes: int | None = None  # evaluation episodes per task and run (None: not recorded)
+    models: int = 1        # pretrained models (pooled run trees) the pairs come from
+    model: str = ""        # "": pooled over every run tree; a tree's name: that tree's pairs alone
+    model_sd: float = math.nan      # SD of the per-model mean differences (several models)
+    mde80_models: float = math.nan  # MDE over pretrained models as a sample (t, models - 1 df)
 
     @property
     def verdict(self) -> str:
@@ -123,7 +127,7 @@ class Resolution:
     paired: Paired
     parts: stats.VarianceDecomposition
     projected: float                                 # projected MDE at the observed grid
-    grids: dict[str, tuple[int, int, int] | None]    # stats.grids_for_mde's answer
+    grids: dict[str, tuple[int, ...] | None]         # stats.grids_for_mde's answer
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def metric_table(runs: Sequence[RunRecord], measure: str) -> Table:
         raise ValueError(f"Unknown measure {measure!r}; expected one of {sorted(MEASURES)}.")
     runs = [r for r in runs if r.kind == "finetune"]
     tasks = tuple(sorted({str(r.task) for r in runs}))
-    rows = {v: [(r.seed, str(r.task), run_value(r, measure)) for r in runs if r.variant == v]
+    rows = {v: [(r.unit, str(r.task), run_value(r, measure)) for r in runs if r.variant == v]
             for v in variant_order(runs)}
     base = _base_points(runs, measure)
     if base:
@@ -186,15 +190,16 @@ def task_spreads(table: Table) -> list[TaskSpread]:
     return spreads
 
 
-def _base_points(runs: Sequence[RunRecord], measure: str) -> list[tuple[int, str, float]]:
-    """(seed, task, value) of the pretrained policy: each (task, seed)'s step-0 value, averaged
-    over its runs (every method evaluates the same base policy on the same starts)."""
-    found: dict[tuple[int, str], list[float]] = {}
+def _base_points(runs: Sequence[RunRecord], measure: str) -> list[tuple[tuple[str, int], str, float]]:
+    """(unit, task, value) of the pretrained policy: each (task, seed)'s step-0 value, averaged
+    over its runs (every method evaluates the same base policy on the same starts); each pooled
+    run tree has its own pretrained policy."""
+    found: dict[tuple[tuple[str, int], str], list[float]] = {}
     for r in runs:
         value = base_value(r, measure)
         if math.isfinite(value):
-            found.setdefault((r.seed, str(r.task)), []).append(value)
-    return [(seed, task, float(np.mean(v))) for (seed, task), v in sorted(found.items())]
+            found.setdefault((r.unit, str(r.task)), []).append(value)
+    return [(unit, task, float(np.mean(v))) for (unit, task), v in sorted(found.items())]
 
 
 def _episode_table(runs: Sequence[RunRecord], tasks: Sequence[str]) -> dict[tuple[str, str], tuple[int, int]]:
@@ -216,7 +221,7 @@ def _episode_table(runs: Sequence[RunRecord], tasks: Sequence[str]) -> dict[tupl
         if final:
             add(r.variant, str(r.task), final[0], final[1])
         start = r.episode_counts(0)
-        seen = (r.task, start[0], start[1], tuple(start[2] or ())) if start else None
+        seen = (r.replicate, r.task, start[0], start[1], tuple(start[2] or ())) if start else None
         if start and seen not in base_seen:
             base_seen.add(seen)
             add(BASE, str(r.task), start[0], start[1])
@@ -274,6 +279,8 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
 
     Every method evaluates on the same starts, so a pair's difference has no start-to-start
     noise; `mde80` says how large a true difference these pairs would detect 80% of the time.
+    With pooled run trees (several pretrained models) the rows pool the pairs of every tree and
+    carry `stats.pool_models`' MDE over models; each claim also gets one row per tree (`model`).
     """
     result = []
     comparisons = [(b, None) for b in baselines] + [(b, v) for v, b in claims if b not in baselines]
@@ -283,19 +290,34 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
             if only is not None and pairs[0][0].method != only:
                 continue
             for measure in measures:
-                sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
                 matched = [(r, run_value(r, measure) - run_value(p, measure)) for r, p in pairs]
                 matched = [(r, d) for r, d in matched if math.isfinite(d)]
                 if not matched:
                     continue
-                summary = stats.paired_difference(d for _, d in matched)
-                counts = {c[1] for r, _ in matched if (c := r.episode_counts())}
-                result.append(Paired(
-                    v, baseline, measure, summary.n, summary.mean, summary.stderr,
-                    sum(1 for _, d in matched if sign * d > 0), summary.sd, summary.mde80,
-                    len({r.task for r, _ in matched}), len({r.seed for r, _ in matched}),
-                    counts.pop() if len(counts) == 1 else None))
+                by_model: dict[str, list[tuple[RunRecord, float]]] = {}
+                for r, d in matched:
+                    by_model.setdefault(r.replicate, []).append((r, d))
+                if len(by_model) == 1:
+                    result.append(_paired_row(v, baseline, measure, matched))
+                    continue
+                pooled = stats.pool_models({name: [d for _, d in group] for name, group in by_model.items()})
+                result.append(_paired_row(v, baseline, measure, matched, models=len(by_model),
+                                          model_sd=pooled.between.sd, mde80_models=pooled.between.mde80))
+                if (pairs[0][0].method, baseline) in claims:
+                    result += [_paired_row(v, baseline, measure, group, model=name) for name, group in by_model.items()]
     return result
+
+
+def _paired_row(variant: str, baseline: str, measure: str, matched: Sequence[tuple[RunRecord, float]],
+                **models: Any) -> Paired:
+    """A Paired row from (run, its difference to the baseline partner) pairs."""
+    sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
+    summary = stats.paired_difference(d for _, d in matched)
+    counts = {c[1] for r, _ in matched if (c := r.episode_counts())}
+    return Paired(variant, baseline, measure, summary.n, summary.mean, summary.stderr,
+                  sum(1 for _, d in matched if sign * d > 0), summary.sd, summary.mde80,
+                  len({r.task for r, _ in matched}), len({r.seed for r, _ in matched}),
+                  counts.pop() if len(counts) == 1 else None, **models)
 
 
 def resolutions(runs: Sequence[RunRecord], paired: Sequence[Paired]) -> list[Resolution]:
@@ -305,7 +327,7 @@ def resolutions(runs: Sequence[RunRecord], paired: Sequence[Paired]) -> list[Res
     for baseline in dict.fromkeys(p.baseline for p in paired):
         pairs_of = matched_pairs(runs, baseline)
         for p in paired:
-            if p.baseline != baseline or p.measure != "success" or p.variant not in pairs_of:
+            if p.baseline != baseline or p.measure != "success" or p.model or p.variant not in pairs_of:
                 continue
             cells = [cell for r, q in pairs_of[p.variant] if (cell := _paired_cell(r, q)) is not None]
             if len(cells) < 2 or any(c.episodes < 2 for c in cells):
@@ -324,8 +346,9 @@ def _paired_cell(run: RunRecord, base: RunRecord) -> stats.PairedCell | None:
         return None
     ca, cb = run.episode_counts(), base.episode_counts()
     if ca is None or cb is None or ca[1] != cb[1]:
-        return stats.PairedCell(str(run.task), run.seed, a - b, math.nan, ca[1] if ca else 0)
-    return stats.PairedCell(str(run.task), run.seed, a - b, stats.episode_variance(ca[2], cb[2], a, b, ca[1]), ca[1])
+        return stats.PairedCell(str(run.task), run.seed, a - b, math.nan, ca[1] if ca else 0, run.replicate)
+    return stats.PairedCell(str(run.task), run.seed, a - b, stats.episode_variance(ca[2], cb[2], a, b, ca[1]), ca[1],
+                            run.replicate)
 
 
 def data_size_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[Any], dict[tuple[str, str, Any], Cell]]:
@@ -345,7 +368,7 @@ def data_size_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[Any], di
         for size in sizes:
             mine = [r for r in runs if group_of[r.path] == g and r.settings.get(DATA_SIZE_KEY) == size]
             for measure in ("success", "success_auc", "train_loss", "val_action_error"):
-                cell = suite_average((r.seed, str(r.task), run_value(r, measure)) for r in mine)
+                cell = suite_average((r.unit, str(r.task), run_value(r, measure)) for r in mine)
                 if cell.n:
                     cells[(g, measure, size)] = cell
     return groups, sizes, cells

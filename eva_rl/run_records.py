@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -56,6 +56,12 @@ class RunRecord:
     metrics: dict[str, Any]    # metrics.json as read
     settings: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value (config + grid point)
     scores: dict[str, float] = field(default_factory=dict)  # measures computed from curves (success_auc, ...)
+    replicate: str = ""        # the run tree (its pretrained model) when a report pools several; "" for one
+
+    @property
+    def unit(self) -> tuple[str, int]:
+        """What a seed is in tables and pairs: (run tree, seed), so pooled trees' seeds stay apart."""
+        return self.replicate, self.seed
 
     def final(self, key: str) -> float:
         """The run's final value of a measure (a name in `MEASURES`) or of a key of metrics.json's
@@ -166,9 +172,29 @@ def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune", run_dirs: 
     name the method, `r=RANK` when ranks vary, and every `key=value` of `label_keys`.
     `fraction` is the share of final success `steps_to_fraction` waits for.
     """
+    return _labelled(_read_runs(Path(runs_dir), kind, run_dirs, fraction, ""))
+
+
+def load_replicates(trees: dict[str, str | Path], *, kind: str | None = "finetune",
+                    fraction: float = DEFAULT_FRACTION) -> list[RunRecord]:
+    """The runs of several run trees ({name: runs_dir}), each one replicate of the same grid with
+    its own pretrained model: `RunRecord.replicate` is the tree's name, runs pair only within their
+    tree, and settings that differ between the trees (`replicate_settings`) label no row."""
+    if len(trees) < 1:
+        raise ValueError("load_replicates needs at least one run tree.")
+    return _labelled([r for name, root in trees.items() for r in _read_runs(Path(root), kind, None, fraction, name)])
+
+
+def _labelled(found: list[RunRecord]) -> list[RunRecord]:
+    keys = label_keys(found)
+    show_rank = len({r.rank for r in found if r.rank is not None}) > 1
+    return [replace(r, variant=variant_label(r, keys, show_rank=show_rank)) for r in found]
+
+
+def _read_runs(root: Path, kind: str | None, run_dirs: Iterable[str | Path] | None, fraction: float,
+               replicate: str) -> list[RunRecord]:
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}.")
-    root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"Runs directory {str(root)!r} does not exist. Pass the out_dir of an experiment.")
     found: list[RunRecord] = []
@@ -186,13 +212,11 @@ def load_runs(runs_dir: str | Path, *, kind: str | None = "finetune", run_dirs: 
         settings.update({k: v for k, v in point.items() if k not in ("task", "seed", "method", "rank")})
         run = RunRecord(path=path.parent, kind=str(metrics.get("kind")), task=metrics.get("task"),
                         method=metrics.get("method"), rank=metrics.get("rank"), seed=int(metrics.get("seed", 0)),
-                        point=point, variant="", metrics=metrics, settings=settings)
+                        point=point, variant="", metrics=metrics, settings=settings, replicate=replicate)
         curve = series(run, "success")
         run.scores.update(success_auc=curve_auc(curve), steps_to_fraction=steps_to_fraction(curve, fraction))
         found.append(run)
-    keys = label_keys(found)
-    show_rank = len({r.rank for r in found if r.rank is not None}) > 1
-    return [_with_variant(r, variant_label(r, keys, show_rank=show_rank)) for r in found]
+    return found
 
 
 def _read_point(run_dir: Path) -> dict[str, Any]:
@@ -200,11 +224,6 @@ def _read_point(run_dir: Path) -> dict[str, Any]:
         return dict(json.loads((run_dir / "run.json").read_text()).get("point") or {})
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _with_variant(run: RunRecord, variant: str) -> RunRecord:
-    return RunRecord(run.path, run.kind, run.task, run.method, run.rank, run.seed, run.point, variant, run.metrics,
-                     run.settings, run.scores)
 
 
 def value_text(value: Any) -> str:
@@ -243,16 +262,27 @@ def _differ(runs: Sequence[RunRecord], key: str, group: Any) -> bool:
 
 def setting_columns(runs: Sequence[RunRecord]) -> list[str]:
     """Settings that differ between runs of the same task and seed (runs.csv's columns); keys
-    that follow the task (its data paths) or the seed, and bookkeeping keys, are not settings."""
+    that follow the task (its data paths) or the seed, and bookkeeping keys, are not settings.
+    Pooled run trees are compared within each tree (`replicate_settings` names what differs between them)."""
     keys = sorted({k for r in runs for k in r.settings} - BOOKKEEPING_KEYS)
-    return [k for k in keys if _differ(runs, k, lambda r: (r.task, r.seed))]
+    return [k for k in keys if _differ(runs, k, lambda r: (r.replicate, r.task, r.seed))]
 
 
 def label_keys(runs: Sequence[RunRecord]) -> list[str]:
     """Settings that split one method's runs on the same task and seed into rows. A setting that
     follows the method (fft's own learning rate) names no row: the method does; runs.csv has it."""
     return [k for k in setting_columns(runs)
-            if _differ([r for r in runs if applies(k, r.method)], k, lambda r: (r.task, r.seed, r.method))]
+            if _differ([r for r in runs if applies(k, r.method)], k, lambda r: (r.replicate, r.task, r.seed, r.method))]
+
+
+def replicate_settings(runs: Sequence[RunRecord]) -> list[str]:
+    """Settings that differ between pooled run trees for the same task, seed and row (the
+    pretrained checkpoint, data paths, anything else): what the pooled report rests on besides
+    the grid. Empty for a single tree."""
+    if len({r.replicate for r in runs}) < 2:
+        return []
+    keys = sorted({k for r in runs for k in r.settings} - BOOKKEEPING_KEYS)
+    return [k for k in keys if _differ(runs, k, lambda r: (r.task, r.seed, r.variant))]
 
 
 def variant_label(run: RunRecord, keys: Sequence[str], *, show_rank: bool) -> str:
@@ -290,11 +320,11 @@ def value_order(value: Any) -> tuple[int, float, str]:
 def partner(run: RunRecord, candidates: Sequence[RunRecord], keys: Sequence[str]) -> RunRecord | None:
     """The baseline run `run` pairs with among `candidates` (runs of one baseline method).
 
-    Same task and seed; the same rank, or the baseline's only rank when one side has none (fft vs
+    Same task, seed and run tree; the same rank, or the baseline's only rank when one side has none (fft vs
     lora): two different ranks never pair, the difference would mix method and capacity. Every
     label key that applies to both methods must agree; if several candidates remain, the one
     agreeing on all label keys, else none."""
-    same = [c for c in candidates if c.task == run.task and c.seed == run.seed
+    same = [c for c in candidates if c.task == run.task and c.unit == run.unit
             and all(run.settings.get(k) == c.settings.get(k) for k in keys
                     if applies(k, run.method) and applies(k, c.method))]
     ranks = {c.rank for c in same}

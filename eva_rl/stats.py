@@ -24,6 +24,11 @@
   comes from evaluating a finite number of episodes), run to run (seed, beyond episode sampling)
   and task to task. It drives `projected_mde`, the MDE of the suite-average paired difference
   for any grid of tasks x seeds x episodes.
+- Several pretrained models (one run tree each, the same tasks): d[task, model, seed] is a
+  two-way crossed design with seeds nested in its cells, and the decomposition adds the
+  model-to-model part and the task-by-model interaction (two-way ANOVA mean squares). Pairs pooled
+  over the models answer "on these models"; `pool_models` also gives the answer over pretrained
+  models as a sample: the t-based MDE of the per-model mean differences, with M - 1 degrees of freedom.
 
 rliable (arch, statsmodels, pandas, seaborn) is not a dependency for these few lines of numpy.
 """
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -61,8 +66,9 @@ def mean_stderr(values: Iterable[float | None]) -> MeanStderr:
     return MeanStderr(float(x.mean()), stderr, int(x.size))
 
 
-def suite_average(points: Iterable[tuple[int, str, float | None]]) -> MeanStderr:
-    """The average over tasks of (seed, task, value) points: the mean of the per-task means.
+def suite_average(points: Iterable[tuple[Hashable, str, float | None]]) -> MeanStderr:
+    """The average over tasks of (seed, task, value) points: the mean of the per-task means
+    (a seed is any hashable: the report's (run tree, seed) units).
 
     Its standard error follows the EVA paper's "mean +- standard error over seeds": when every
     seed ran the same tasks, average over tasks within each seed and take the error across seeds.
@@ -70,7 +76,7 @@ def suite_average(points: Iterable[tuple[int, str, float | None]]) -> MeanStderr
     (sqrt(sum se^2) / n_tasks); single-seed tasks add nothing.
     """
     by_task: dict[str, list[float]] = {}
-    by_seed: dict[int, dict[str, float]] = {}
+    by_seed: dict[Hashable, dict[str, float]] = {}
     for seed, task, value in points:
         if value is not None and math.isfinite(value):
             by_task.setdefault(task, []).append(value)
@@ -181,6 +187,28 @@ def paired_difference(differences: Iterable[float | None]) -> PairedDifference:
 # --- variance decomposition and projection -------------------------------------------------------
 
 @dataclass(frozen=True)
+class ModelPooled:
+    """Paired differences pooled over several pretrained models (one group of pairs each)."""
+
+    pooled: PairedDifference   # every pair as one sample: the difference on these models
+    between: PairedDifference  # the per-model mean differences: over pretrained models as a sample
+    per_model: dict[str, PairedDifference]
+
+
+def pool_models(groups: dict[str, Sequence[float]]) -> ModelPooled:
+    """Pool paired differences grouped by pretrained model ({model: differences}).
+
+    `pooled` treats the pairs of all models as exchangeable, so its MDE holds for these models;
+    `between` is `paired_difference` over the models' mean differences (n = number of models), whose
+    MDE carries the model-to-model variance with M - 1 degrees of freedom (NaN for one model).
+    """
+    per_model = {name: paired_difference(d) for name, d in groups.items()}
+    pooled = paired_difference(x for d in groups.values() for x in d)
+    between = paired_difference(p.mean for p in per_model.values() if p.n)
+    return ModelPooled(pooled, between, per_model)
+
+
+@dataclass(frozen=True)
 class PairedCell:
     """One (task, seed) paired success difference and its episode-sampling variance."""
 
@@ -189,6 +217,7 @@ class PairedCell:
     difference: float       # success(variant) - success(baseline)
     episode_variance: float  # variance of `difference` from evaluating finitely many episodes
     episodes: int           # episodes per side
+    model: str = ""         # the pretrained model (run tree) when several are pooled
 
 
 def episode_variance(variant: Sequence[float] | None, baseline: Sequence[float] | None,
@@ -214,66 +243,103 @@ class VarianceDecomposition:
     total = the variance of all cells' differences; episode = the mean episode-sampling variance
     of a cell at `episodes` episodes; run = within-task variance beyond episode sampling (seed to
     seed); task = variance of the task means beyond what within-task noise explains. Negative
-    method-of-moments estimates are clipped to 0.
+    method-of-moments estimates are clipped to 0. With several pretrained models, model = the
+    variance of the models' suite-average differences beyond the noise in them, interaction = the
+    task-by-model variance and task the task main effect; with one model both are 0 by
+    construction (one model cannot show them; task then holds the interaction too).
     """
 
     tasks: int
-    seeds: float            # mean seeds per task
+    seeds: float            # mean seeds per task (per task and model with several models)
     episodes: int           # evaluation episodes per cell (per side)
     total: float
     episode: float
     run: float
     task: float
+    models: int = 1
+    model: float = 0.0
+    interaction: float = 0.0
 
     def describe(self) -> str:
         sd = {name: math.sqrt(v) if math.isfinite(v) else math.nan
-              for name, v in (("total", self.total), ("episode", self.episode), ("run", self.run), ("task", self.task))}
+              for name, v in (("total", self.total), ("episode", self.episode), ("run", self.run), ("task", self.task),
+                              ("model", self.model), ("interaction", self.interaction))}
+        models = (f", model to model {sd['model']:.3f}, task by model {sd['interaction']:.3f} ({self.models} models)"
+                  if self.models > 1 else "")
         return (f"per-pair SD {sd['total']:.3f}; episode sampling {sd['episode']:.3f} ({self.episodes} episodes), "
-                f"run to run (seed) {sd['run']:.3f}, task to task {sd['task']:.3f} (SDs; variances add)")
+                f"run to run (seed) {sd['run']:.3f}, task to task {sd['task']:.3f}{models} (SDs; variances add)")
 
 
 def decompose_variance(cells: Sequence[PairedCell]) -> VarianceDecomposition:
-    """Split the variance of paired differences into episode, run (seed) and task parts.
+    """Split the variance of paired differences into episode, run (seed) and task parts, and with
+    cells of several models (`PairedCell.model`) the model and task-by-model parts.
 
     Within task t (n_t seeds), var_s(d) estimates run + episode; across tasks, the variance of
     the task means estimates task + (run + episode) / n_t. Needs two seeds in some task for the
-    run part and two tasks for the task part (NaN otherwise).
+    run part and two tasks for the task part (NaN otherwise). With M models, over the tasks every
+    model ran (T of them), the T x M table of cell means gives the two-way mean squares: the
+    interaction's estimates interaction + noise, the task means' variance task + MS_int / M, the
+    model means' variance model + MS_int / T (NaN below two such tasks).
     """
     if not cells:
         raise ValueError("decompose_variance needs at least one paired cell.")
-    by_task: dict[str, list[float]] = {}
+    by_cell: dict[tuple[str, str], list[float]] = {}
     for c in cells:
-        by_task.setdefault(c.task, []).append(c.difference)
+        by_cell.setdefault((c.task, c.model), []).append(c.difference)
     all_d = np.array([c.difference for c in cells])
     total = float(all_d.var(ddof=1)) if all_d.size > 1 else math.nan
     episode = float(np.nanmean([c.episode_variance for c in cells])) if any(
         math.isfinite(c.episode_variance) for c in cells) else math.nan
-    within_groups = [np.array(v) for v in by_task.values() if len(v) > 1]
+    within_groups = [np.array(v) for v in by_cell.values() if len(v) > 1]
     within = (float(np.mean([g.var(ddof=1) for g in within_groups])) if within_groups else math.nan)
     run = max(0.0, within - episode) if math.isfinite(within) and math.isfinite(episode) else math.nan
-    seeds = float(np.mean([len(v) for v in by_task.values()]))
-    task = math.nan
-    if len(by_task) > 1 and math.isfinite(within):
-        task_means = np.array([np.mean(v) for v in by_task.values()])
-        harmonic_seeds = len(by_task) / sum(1 / len(v) for v in by_task.values())
-        task = max(0.0, float(task_means.var(ddof=1)) - within / harmonic_seeds)
+    seeds = float(np.mean([len(v) for v in by_cell.values()]))
+    harmonic_seeds = len(by_cell) / sum(1 / len(v) for v in by_cell.values())
     episodes = int(round(np.mean([c.episodes for c in cells])))
-    return VarianceDecomposition(len(by_task), seeds, episodes, total, episode, run, task)
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    models = list(dict.fromkeys(c.model for c in cells))
+    if len(models) == 1:
+        task = math.nan
+        if len(tasks) > 1 and math.isfinite(within):
+            task_means = np.array([np.mean(v) for v in by_cell.values()])
+            task = max(0.0, float(task_means.var(ddof=1)) - within / harmonic_seeds)
+        return VarianceDecomposition(len(tasks), seeds, episodes, total, episode, run, task)
+    shared = [t for t in tasks if all((t, m) in by_cell for m in models)]
+    if len(shared) < 2:
+        return VarianceDecomposition(len(tasks), seeds, episodes, total, episode, run, math.nan, len(models),
+                                     math.nan, math.nan)
+    means = np.array([[np.mean(by_cell[t, m]) for m in models] for t in shared])  # tasks x models
+    n_tasks, n_models = means.shape
+    residual = means - means.mean(axis=1, keepdims=True) - means.mean(axis=0, keepdims=True) + means.mean()
+    ms_interaction = float((residual ** 2).sum() / ((n_tasks - 1) * (n_models - 1)))
+    # the noise in a cell mean: seed and episode variance over its seeds (episodes alone with one seed)
+    noise = (within / harmonic_seeds if math.isfinite(within)
+             else episode if math.isfinite(episode) and harmonic_seeds == 1 else 0.0)
+    interaction = max(0.0, ms_interaction - noise)
+    task = max(0.0, float(means.mean(axis=1).var(ddof=1)) - ms_interaction / n_models)
+    model = max(0.0, float(means.mean(axis=0).var(ddof=1)) - ms_interaction / n_tasks)
+    return VarianceDecomposition(len(tasks), seeds, episodes, total, episode, run, task, n_models, model, interaction)
 
 
-def projected_mde(parts: VarianceDecomposition, tasks: int, seeds: int, episodes: int, *,
+def projected_mde(parts: VarianceDecomposition, tasks: int, seeds: int, episodes: int, models: int | None = None, *,
                   power: float = 0.8, alpha: float = 0.05) -> float:
-    """MDE of the suite-average paired difference over `tasks` x `seeds` cells of `episodes` episodes.
+    """MDE of the suite-average paired difference over `tasks` x `seeds` cells of `episodes`
+    episodes on each of `models` pretrained models (default: as many as the parts came from).
 
-    The average's variance is task / T + run / (T S) + episode * (E0 / E) / (T S): tasks are a
-    sample too, so seeds and episodes alone cannot take the MDE below the task term. The
-    multiplier is the t-based one of `minimum_detectable_difference` with T S pairs.
+    The average's variance is task / T + model / M + interaction / (T M) + (run + episode * E0 / E)
+    / (T M S): tasks (and models) are a sample too, so seeds and episodes alone cannot take the MDE
+    below the task term. The multiplier is the t-based one of `minimum_detectable_difference` with
+    T M S pairs. Parts from one model hold no model term: their projection is for that model.
     """
-    if min(tasks, seeds, episodes) < 1:
-        raise ValueError(f"tasks, seeds and episodes must each be >= 1, got {tasks}, {seeds}, {episodes}.")
-    task, run, episode = (v if math.isfinite(v) else 0.0 for v in (parts.task, parts.run, parts.episode))
-    pairs = tasks * seeds
-    variance = task / tasks + (run + episode * parts.episodes / episodes) / pairs
+    models = parts.models if models is None else models
+    if min(tasks, seeds, episodes, models) < 1:
+        raise ValueError(f"tasks, seeds, episodes and models must each be >= 1, got {tasks}, {seeds}, {episodes}, "
+                         f"{models}.")
+    task, run, episode, model, interaction = (v if math.isfinite(v) else 0.0 for v in (
+        parts.task, parts.run, parts.episode, parts.model, parts.interaction))
+    pairs = tasks * seeds * models
+    variance = (task / tasks + model / models + interaction / (tasks * models)
+                + (run + episode * parts.episodes / episodes) / pairs)
     if pairs < 2:
         return math.nan
     # minimum_detectable_difference(sd, n) = multiplier * sd / sqrt(n); here sd / sqrt(n) is sqrt(variance)
@@ -281,11 +347,18 @@ def projected_mde(parts: VarianceDecomposition, tasks: int, seeds: int, episodes
 
 
 def grids_for_mde(parts: VarianceDecomposition, target: float, *, tasks: int, seeds: int, episodes: int,
-                  limit: int = 10_000) -> dict[str, tuple[int, int, int] | None]:
+                  models: int | None = None, limit: int = 10_000) -> dict[str, tuple[int, ...] | None]:
     """Smallest grids reaching `target`, each varying one axis of the current grid:
     {"seeds": (T, S', E), "tasks": (T', S, E), "episodes": (T, S, E')}; None where that axis alone
-    cannot reach it within `limit`."""
-    def smallest(make: Callable[[int], tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    cannot reach it within `limit`. With parts of several models the grids are (T, S, E, M) and
+    a "models" axis is added."""
+    models = parts.models if models is None else models
+    several = parts.models > 1
+
+    def grid(t: int, s: int, e: int, m: int) -> tuple[int, ...]:
+        return (t, s, e, m) if several else (t, s, e)
+
+    def smallest(make: Callable[[int], tuple[int, int, int, int]]) -> tuple[int, ...] | None:
         # the projected MDE falls as any axis grows: bisect for the first k that reaches the target
         if not projected_mde(parts, *make(limit)) <= target:
             return None
@@ -296,9 +369,11 @@ def grids_for_mde(parts: VarianceDecomposition, target: float, *, tasks: int, se
                 high = mid
             else:
                 low = mid + 1
-        return make(low)
+        return grid(*make(low))
 
-    return {"seeds": smallest(lambda s: (tasks, s, episodes)),
-            "tasks": smallest(lambda t: (t, seeds, episodes)),
-            "episodes": smallest(lambda e: (tasks, seeds, e))}
-
+    axes = {"seeds": smallest(lambda s: (tasks, s, episodes, models)),
+            "tasks": smallest(lambda t: (t, seeds, episodes, models)),
+            "episodes": smallest(lambda e: (tasks, seeds, e, models))}
+    if several:
+        axes["models"] = smallest(lambda m: (tasks, seeds, episodes, m))
+    return axes

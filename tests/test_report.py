@@ -576,3 +576,52 @@ def test_saturated_and_floored_tasks_are_named(tmp_path: Path) -> None:
     with open(tmp_path / "report" / "task_spread.csv") as handle:
         rows = {row["task"]: row for row in csv.DictReader(handle)}
     assert rows["easy"]["verdict"] == "saturated" and float(rows["mid"]["highest"]) == 0.75
+
+
+def _tree(root: Path, model: str, eva_gain: int) -> Path:
+    """lora and eva on two tasks x 2 seeds of one pretrained model; eva solves `eva_gain` more
+    of 4 episodes than lora on every task and seed."""
+    for task in ("a", "b"):
+        for seed in (0, 1):
+            lora = [1, seed, 0, 0]
+            eva = [1 if i < sum(lora) + eva_gain else 0 for i in range(4)]
+            for method, flags in (("lora", lora), ("eva", eva)):
+                write_new_run(root, method, task, seed, {0: [1, 0, 0, 0], 100: flags},
+                              config={"checkpoint": f"/models/{model}"})
+    return root
+
+
+def test_run_trees_of_several_pretrained_models_pool_within_each_tree(tmp_path: Path, capsys) -> None:
+    from eva_rl.cli import main
+
+    trees = {"m1": _tree(tmp_path / "m1", "m1", 0), "m2": _tree(tmp_path / "m2", "m2", 2)}
+    result = write_report(trees, tmp_path / "pooled", plots=False, tensorboard=False)
+    rows = {(p.variant, p.baseline, p.measure, p.model): p for p in result.paired}
+    pooled = rows[("eva", "lora", "success", "")]
+    # pairs never cross trees: 2 tasks x 2 seeds per model, differences 0 (m1) and +0.5 (m2)
+    assert (pooled.n_pairs, pooled.models) == (8, 2) and pooled.mean_diff == pytest.approx(0.25)
+    assert rows[("eva", "lora", "success", "m1")].mean_diff == 0.0
+    assert rows[("eva", "lora", "success", "m2")].mean_diff == pytest.approx(0.5)
+    assert pooled.mde80_models == pytest.approx(stats.pool_models({"m1": [0.0] * 4, "m2": [0.5] * 4}).between.mde80)
+    # each tree's base policy is its own: the base row averages both trees' step-0 success
+    assert result.tables["success"].cells[(report.BASE, "a")].n == 4
+    markdown = result.markdown
+    assert "## Pooled run trees" in markdown and "`checkpoint`: m1 /models/m1; m2 /models/m2" in markdown
+    assert "### The paper's claims per pretrained model" in markdown and "mde80 over models" in markdown
+    assert "model | task × model" in markdown  # the variance split names the model parts
+    with open(tmp_path / "pooled" / "runs.csv") as handle:
+        header = next(csv.reader(handle))
+    assert header[:2] == ["model", "run"] and "checkpoint" not in header  # a tree's setting, not a row's
+    with open(tmp_path / "pooled" / "paired.csv") as handle:
+        per_tree = [r for r in csv.DictReader(handle) if r["model"] == "m2" and r["measure"] == "success"]
+    assert len(per_tree) == 1 and float(per_tree[0]["mean_diff"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="needs out_dir"):
+        write_report(trees)
+    # the command line: NAME=DIR (or DIR, named by its folder), --out required
+    assert main(["report", f"x={trees['m1']}", str(trees["m2"]), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
+    assert "Report: pooled over 2 run trees (x, m2)" in (tmp_path / "cli" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(trees["m1"]), str(trees["m2"])]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["report", f"m1={trees['m1']}", f"m1={trees['m2']}", "--out", str(tmp_path / "x")]) == 2
+    assert "'m1' twice" in capsys.readouterr().err

@@ -116,3 +116,50 @@ def test_projected_mde_and_grids() -> None:
     assert stats.projected_mde(parts, t, 3, 20) <= 0.05 < stats.projected_mde(parts, t - 1, 3, 20)
     with pytest.raises(ValueError, match="must each be >= 1"):
         stats.projected_mde(parts, 0, 3, 20)
+
+
+def _model_cells() -> list[PairedCell]:
+    """3 tasks x 2 models x 2 seeds, episode variance 0.001 per cell."""
+    d = {("a", "m1"): [0.1, 0.3], ("a", "m2"): [0.3, 0.5], ("b", "m1"): [0.4, 0.4], ("b", "m2"): [0.5, 0.7],
+         ("c", "m1"): [0.0, 0.2], ("c", "m2"): [0.2, 0.2]}
+    return [PairedCell(task, seed, x, 0.001, 20, model) for (task, model), xs in d.items() for seed, x in enumerate(xs)]
+
+
+def test_variance_decomposition_with_models_by_hand() -> None:
+    parts = stats.decompose_variance(_model_cells())
+    assert (parts.tasks, parts.models, parts.seeds, parts.episodes) == (3, 2, 2.0, 20)
+    # within cells (2 seeds): variances .02 .02 0 .02 .02 0 -> mean 0.04 / 3; minus episode sampling
+    assert parts.run == pytest.approx(0.04 / 3 - 0.001)
+    # cell means a (.2, .4), b (.4, .6), c (.1, .2); residuals of the additive fit -1/60, 1/60 (a, b)
+    # and 1/30, -1/30 (c): MS_int = (4/3600 + 2/900) / 2 = 1/600, below the cell-mean noise (0.04/3)/2
+    assert parts.interaction == 0.0
+    # task means .3 .5 .15: variance 0.0308333 minus MS_int / 2 models
+    assert parts.task == pytest.approx(0.061667 / 2 - 1 / 1200, abs=1e-6)
+    # model means .2333 .4: variance (1/6)^2 / 2 minus MS_int / 3 tasks
+    assert parts.model == pytest.approx((1 / 6) ** 2 / 2 - 1 / 1800)
+    assert "model to model 0.115" in parts.describe()
+    # a task one model lacks is left out of the two-way table; below two shared tasks there is none
+    assert math.isnan(stats.decompose_variance([c for c in _model_cells() if c.task == "a" or c.model == "m1"]).model)
+
+
+def test_projected_mde_and_grids_with_models() -> None:
+    parts = stats.decompose_variance(_model_cells())
+    variance = parts.task / 3 + parts.model / 2 + (parts.run + parts.episode) / 12
+    # t_{.975,11} = 2.201, t_{.8,11} = 0.876
+    assert stats.projected_mde(parts, 3, 2, 20) == pytest.approx((2.201 + 0.876) * math.sqrt(variance), rel=1e-3)
+    assert stats.projected_mde(parts, 3, 2, 20, 8) < stats.projected_mde(parts, 3, 2, 20)
+    grids = stats.grids_for_mde(parts, 0.35, tasks=3, seeds=2, episodes=20)
+    assert set(grids) == {"seeds", "tasks", "episodes", "models"}
+    t, s, e, m = grids["models"]
+    assert (t, s, e) == (3, 2, 20)
+    assert stats.projected_mde(parts, 3, 2, 20, m) <= 0.35 < stats.projected_mde(parts, 3, 2, 20, m - 1)
+
+
+def test_pool_models_gives_the_mde_over_models() -> None:
+    pooled = stats.pool_models({"m1": [0.1, 0.2, 0.3], "m2": [0.4, 0.5, 0.6]})
+    assert pooled.pooled.n == 6 and pooled.pooled.mean == pytest.approx(0.35)
+    assert pooled.per_model["m1"].mean == pytest.approx(0.2) and pooled.per_model["m2"].n == 3
+    # two model means 0.2, 0.5: sd 0.3 / sqrt 2; t_{.975,1} = 12.706, t_{.8,1} = 1.376
+    assert pooled.between.n == 2 and pooled.between.mean == pytest.approx(0.35)
+    assert pooled.between.mde80 == pytest.approx((12.706 + 1.376) * (0.3 / math.sqrt(2)) / math.sqrt(2), rel=1e-3)
+    assert math.isnan(stats.pool_models({"m1": [0.1, 0.2]}).between.mde80)  # one model: no MDE over models

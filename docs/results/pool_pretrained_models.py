@@ -1,9 +1,11 @@
-"""The paper's two claims over several runs of one recipe, each with its own pretrained model.
+"""The paper's two claims over several runs of one recipe, each with its own pretrained model,
+from the `runs.csv` of committed reports (whose run folders are not committed).
 
-Each `runs.csv` (a report's one row per run) pairs a method with its baseline over the same task
-and seed, as the report does; the pooled line takes every pair of every run as one sample
-(`eva_rl.stats.paired_difference`). That treats the pretrained models as exchangeable: with two
-of them, the model-to-model variance cannot be estimated, so the per-model lines are printed too.
+`eva-rl report NAME=DIR NAME=DIR --out OUT` does this, and more, from run folders; this script
+does the same pooling (`eva_rl.stats.pool_models`) from reports alone. Each `runs.csv` (a
+report's one row per run) pairs a method with its baseline over the same task and seed; the
+pooled line takes every pair of every run as one sample (what holds on these models), the
+"over models" line the per-model means (pretrained models as a sample, M - 1 degrees of freedom).
 
     python docs/results/pool_pretrained_models.py intel=docs/results/cw10-cpu/runs.csv \\
         zen4=docs/results/cw10-cpu-zen4/runs.csv
@@ -16,7 +18,7 @@ import sys
 
 from eva_rl.report_tables import PAPER_CLAIMS
 from eva_rl.run_records import MEASURES
-from eva_rl.stats import paired_difference
+from eva_rl.stats import pool_models
 
 
 def pairs(path: str, variant: str, baseline: str, measure: str) -> list[float]:
@@ -32,17 +34,16 @@ def main(named_paths: list[str]) -> None:
     for measure in ("success", "success_auc", "train_loss", "val_action_error"):
         sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
         for variant, baseline in PAPER_CLAIMS:
-            pooled: list[float] = []
-            for name, path in runs.items():
-                d = pairs(path, variant, baseline, measure)
-                pooled += d
-                better = sum(sign * x > 0 for x in d)
-                p = paired_difference(d)
+            groups = {name: pairs(path, variant, baseline, measure) for name, path in runs.items()}
+            result = pool_models(groups)
+            for name, d in groups.items():
+                p = result.per_model[name]
                 print(f"{measure:17s} {variant} vs {baseline:5s} {name:7s} {p.n:3d} pairs {p.mean:+.4f} ± "
-                      f"{p.stderr:.4f}  mde80 {p.mde80:.4f}  better in {better}/{len(d)}")
-            p = paired_difference(pooled)
-            print(f"{measure:17s} {variant} vs {baseline:5s} {'pooled':7s} {p.n:3d} pairs {p.mean:+.4f} ± "
-                  f"{p.stderr:.4f}  mde80 {p.mde80:.4f}")
+                      f"{p.stderr:.4f}  mde80 {p.mde80:.4f}  better in {sum(sign * x > 0 for x in d)}/{len(d)}")
+            for label, p in (("pooled", result.pooled), ("over models", result.between)):
+                unit = "pairs" if label == "pooled" else "models"
+                print(f"{measure:17s} {variant} vs {baseline:5s} {label:7s} {p.n:3d} {unit} {p.mean:+.4f} ± "
+                      f"{p.stderr:.4f}  mde80 {p.mde80:.4f}")
 
 
 if __name__ == "__main__":
