@@ -18,6 +18,7 @@ import pytest
 
 from eva_rl.jobs import Job, process_alive, process_start, run_jobs
 from eva_rl.rundir import is_finished
+from eva_rl.storage import write_text_atomic
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -33,7 +34,9 @@ def tiny_run(run_dir: Path, config: dict) -> dict:
         raise RuntimeError("boom: this run fails on purpose")
     for step in range(start, config["steps"]):
         time.sleep(config.get("sleep", 0.0))
-        checkpoint.write_text(json.dumps({"step": step + 1}))
+        # atomic, as the package's checkpoints are: a kill -9 landing inside a plain write_text can
+        # leave an empty file, which the resumed run would fail to read (a failure of the test's toy loop)
+        write_text_atomic(checkpoint, json.dumps({"step": step + 1}))
     return {"kind": "finetune", "task": "t", "method": "lora", "rank": 8, "seed": 0, "final": {"success_rate": 1.0},
             "steps_done": config["steps"], "omp_threads": os.environ.get("OMP_NUM_THREADS")}
 
