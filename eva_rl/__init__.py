@@ -7,6 +7,7 @@ The Python API (each name is imported on first use, so `import eva_rl` stays fas
     eva_rl.finetune(eva_rl.FinetuneConfig(...)); eva_rl.pretrain(eva_rl.TrainConfig(...))
     env = eva_rl.make_env("reach-v3", seed=0); data = eva_rl.load_trajectories([...])
     eva_rl.apply_method(policy, "lora", rank=8); eva_rl.eva_state_dict(model, batches, rank=8)
+    eva_rl.run_experiment(...); eva_rl.write_report("runs/x")         # or {"a": "runs/x", "b": "runs/y"}, out_dir
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _EXPORTS = {
     "eva_state_dict": "eva_rl.adapters.eva",
     "ExperimentConfig": "eva_rl.experiment",
     "run_experiment": "eva_rl.experiment",
+    "write_report": "eva_rl.report",
 }
 # Names that are also submodules: Python binds `eva_rl.evaluate` to the submodule whenever it is
 # imported, so these modules are made callable and call their function of the same name.
