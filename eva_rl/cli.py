@@ -330,7 +330,8 @@ def _run_trees(arguments: Sequence[str]) -> dict[str, Path]:
     trees: dict[str, Path] = {}
     for argument in arguments:
         name, sep, folder = argument.partition("=")
-        sep = sep if not Path(argument).is_dir() else ""  # a folder whose name holds "=" is a DIR
+        if Path(argument).is_dir() or os.sep in name:  # a folder whose name holds "=" is a DIR
+            sep = ""
         path = Path(folder if sep else argument)
         name = name if sep else path.resolve().name
         if not name or name in trees:

@@ -258,10 +258,34 @@ def _resolution_markdown(found: Sequence[Resolution]) -> str:
         needs = "; ".join(f"{axis}: " + ("unreachable" if grid is None else " × ".join(map(str, grid)))
                           for axis, grid in res.grids.items())
         size = f"{parts.tasks} × {parts.seeds:g} × {parts.episodes}" + (f" × {parts.models}" if pooled else "")
-        model = f" {sd(parts.model)} | {sd(parts.interaction)} |" if pooled else ""
+        one = parts.models == 1  # a comparison only one tree ran: no model parts to show
+        model = f" {'–' if one else sd(parts.model)} | {'–' if one else sd(parts.interaction)} |" if pooled else ""
         rows.append(f"| {p.variant} | {p.baseline} | {size} | {p.mde80:.3f} | {sd(parts.total)} | {sd(parts.episode)} | "
                     f"{sd(parts.run)} | {sd(parts.task)} |{model} {res.projected:.3f} | {needs} |")
     return "\n".join(rows)
+
+
+def run_trees(runs_dir: str | Path | Mapping[str, str | Path]) -> dict[str, Path]:
+    """{name: folder} of `write_report`'s runs_dir: {"": folder} for one tree (a mapping of one
+    too); several need distinct non-empty names and distinct folders (one folder twice would
+    pass for two pretrained models)."""
+    if not isinstance(runs_dir, Mapping):
+        return {"": Path(runs_dir)}
+    trees = {str(name): Path(path) for name, path in runs_dir.items()}
+    if not trees:
+        raise ValueError("write_report needs a runs directory, or a mapping of names to run trees.")
+    if len(trees) == 1:
+        return {"": next(iter(trees.values()))}
+    if any(not name.strip() for name in trees):
+        raise ValueError(f"Every pooled run tree needs a name; got {list(trees)}. Name each, e.g. "
+                         f"{{'a': 'runs/x', 'b': 'runs/y'}}.")
+    folders: dict[Path, str] = {}
+    for name, path in trees.items():
+        other = folders.setdefault(path.resolve(), name)
+        if other != name:
+            raise ValueError(f"Run trees {other!r} and {name!r} are the same folder {str(path)!r}: counted twice it "
+                             f"would pass for two pretrained models. Give each folder once.")
+    return trees
 
 
 def pooled_lines(trees: Mapping[str, Path], runs: Sequence[RunRecord]) -> list[str]:
@@ -304,22 +328,21 @@ def write_report(runs_dir: str | Path | Mapping[str, str | Path], out_dir: str |
     out_dir defaults to `runs_dir/report`. Raises FileNotFoundError when no fine-tuning run
     has a metrics.json yet.
     """
-    trees = ({str(name): Path(path) for name, path in runs_dir.items()} if isinstance(runs_dir, Mapping)
-             else {"": Path(runs_dir)})
+    trees = run_trees(runs_dir)
     pooled = len(trees) > 1
     if pooled and (out_dir is None or run_dirs is not None):
         raise ValueError("A report over several run trees needs out_dir (it has no single runs_dir to write into) "
                          "and takes no run_dirs.")
-    if not trees:
-        raise ValueError("write_report needs a runs directory.")
     run_dirs = None if run_dirs is None else list(run_dirs)  # read twice: runs, then failed runs
     root = next(iter(trees.values()))
     runs = (load_replicates(trees, fraction=fraction) if pooled
             else load_runs(root, run_dirs=run_dirs, fraction=fraction))
-    if not runs:
+    empty = [name for name in trees if not any(r.replicate == name for r in runs)]
+    if empty:
         raise FileNotFoundError(
-            f"No fine-tuning metrics.json under {', '.join(repr(str(p)) for p in trees.values())}. Run "
-            f"`eva-rl experiment CONFIG` (or `eva-rl finetune`) first, and pass the directory that holds the runs.")
+            f"No fine-tuning metrics.json under {str(trees[empty[0]])!r}"
+            + (f" (run tree {empty[0]!r})" if pooled else "") + ". Run `eva-rl experiment CONFIG` (or "
+            f"`eva-rl finetune`) first, and pass the directory that holds the runs.")
     out = Path(out_dir) if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -426,8 +449,13 @@ def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution], *, p
                      f"smallest grid (tasks × seeds × episodes) reaching an MDE of {MDE_TARGET}, growing one axis "
                      "of the current grid at a time (`eva_rl.stats.grids_for_mde` computes it for any grid). The parts "
                      "are estimated separately (negative estimates clipped to 0), so with few pairs they need not "
-                     "add up to the observed SD, nor the projected MDE equal `mde80`.", "",
-                     _resolution_markdown(found), ""]
+                     "add up to the observed SD, nor the projected MDE equal `mde80`."
+                     + (" With pooled run trees, model to model is the spread of the trees' suite-average "
+                        "differences beyond their noise and task × model how differently the trees rank the tasks "
+                        "(two-way mean squares over the tasks every tree ran; with one seed per cell the latter "
+                        "also holds the seed part); the grids gain a models axis, whose projection uses the "
+                        "pairs' degrees of freedom and so is optimistic next to `mde80 over models`." if pooled else ""),
+                     "", _resolution_markdown(found), ""]
     return sections
 
 

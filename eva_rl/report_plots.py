@@ -175,7 +175,8 @@ def write_hparams(runs: Sequence[RunRecord], log_dir: Path) -> Path | None:
                 hparams[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
             final = {f"final/{m}": run_value(r, m) for m in MEASURES if math.isfinite(run_value(r, m))}
             final["final/trainable_params"] = float(r.metrics.get("trainable_params") or 0)
-            writer.add_hparams(hparams, final, run_name=r.path.name)
+            # task (and tree) in the name: run folders are named alike across tasks
+            writer.add_hparams(hparams, final, run_name="/".join(filter(None, (r.replicate, str(r.task), r.path.name))))
     return log_dir
 
 

@@ -314,10 +314,11 @@ def _paired_row(variant: str, baseline: str, measure: str, matched: Sequence[tup
     sign = 1.0 if MEASURES[measure].higher_is_better else -1.0
     summary = stats.paired_difference(d for _, d in matched)
     counts = {c[1] for r, _ in matched if (c := r.episode_counts())}
+    trees = len({r.replicate for r, _ in matched})
+    seeds = round(len({r.unit for r, _ in matched}) / trees)  # per tree: trees may number their seeds apart
     return Paired(variant, baseline, measure, summary.n, summary.mean, summary.stderr,
                   sum(1 for _, d in matched if sign * d > 0), summary.sd, summary.mde80,
-                  len({r.task for r, _ in matched}), len({r.seed for r, _ in matched}),
-                  counts.pop() if len(counts) == 1 else None, **models)
+                  len({r.task for r, _ in matched}), seeds, counts.pop() if len(counts) == 1 else None, **models)
 
 
 def resolutions(runs: Sequence[RunRecord], paired: Sequence[Paired]) -> list[Resolution]:

@@ -276,13 +276,22 @@ def label_keys(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def replicate_settings(runs: Sequence[RunRecord]) -> list[str]:
-    """Settings that differ between pooled run trees for the same task, seed and row (the
+    """Settings whose values differ between pooled run trees for the same task and row (the
     pretrained checkpoint, data paths, anything else): what the pooled report rests on besides
-    the grid. Empty for a single tree."""
+    the grid. Compared as each tree's set of values, so trees that ran other seed numbers are
+    compared too. Empty for a single tree."""
     if len({r.replicate for r in runs}) < 2:
         return []
-    keys = sorted({k for r in runs for k in r.settings} - BOOKKEEPING_KEYS)
-    return [k for k in keys if _differ(runs, k, lambda r: (r.task, r.seed, r.variant))]
+
+    def differs(key: str) -> bool:
+        values: dict[tuple[Any, str], dict[str, set[str]]] = {}
+        for r in runs:
+            if key in r.settings:
+                text = json.dumps(r.settings[key], sort_keys=True, default=str)
+                values.setdefault((r.task, r.variant), {}).setdefault(r.replicate, set()).add(text)
+        return any(len({frozenset(v) for v in trees.values()}) > 1 for trees in values.values())
+
+    return [k for k in sorted({k for r in runs for k in r.settings} - BOOKKEEPING_KEYS) if differs(k)]
 
 
 def variant_label(run: RunRecord, keys: Sequence[str], *, show_rank: bool) -> str:

@@ -308,13 +308,17 @@ def decompose_variance(cells: Sequence[PairedCell]) -> VarianceDecomposition:
     if len(shared) < 2:
         return VarianceDecomposition(len(tasks), seeds, episodes, total, episode, run, math.nan, len(models),
                                      math.nan, math.nan)
+    cells_of = [by_cell[t, m] for t in shared for m in models]
     means = np.array([[np.mean(by_cell[t, m]) for m in models] for t in shared])  # tasks x models
     n_tasks, n_models = means.shape
     residual = means - means.mean(axis=1, keepdims=True) - means.mean(axis=0, keepdims=True) + means.mean()
     ms_interaction = float((residual ** 2).sum() / ((n_tasks - 1) * (n_models - 1)))
-    # the noise in a cell mean: seed and episode variance over its seeds (episodes alone with one seed)
-    noise = (within / harmonic_seeds if math.isfinite(within)
-             else episode if math.isfinite(episode) and harmonic_seeds == 1 else 0.0)
+    # the noise in a cell mean: its seeds' variance over their number, over the cells of the table;
+    # with one seed per cell only episode sampling is known, and the interaction keeps the seed part
+    shared_within = [np.var(v, ddof=1) for v in cells_of if len(v) > 1]
+    shared_seeds = len(cells_of) / sum(1 / len(v) for v in cells_of)
+    noise = (float(np.mean(shared_within)) / shared_seeds if shared_within
+             else episode if math.isfinite(episode) else 0.0)
     interaction = max(0.0, ms_interaction - noise)
     task = max(0.0, float(means.mean(axis=1).var(ddof=1)) - ms_interaction / n_models)
     model = max(0.0, float(means.mean(axis=0).var(ddof=1)) - ms_interaction / n_tasks)
@@ -329,12 +333,16 @@ def projected_mde(parts: VarianceDecomposition, tasks: int, seeds: int, episodes
     The average's variance is task / T + model / M + interaction / (T M) + (run + episode * E0 / E)
     / (T M S): tasks (and models) are a sample too, so seeds and episodes alone cannot take the MDE
     below the task term. The multiplier is the t-based one of `minimum_detectable_difference` with
-    T M S pairs. Parts from one model hold no model term: their projection is for that model.
+    T M S pairs, which is optimistic for the model term (M - 1 degrees of freedom: `pool_models`'
+    MDE over models is the honest one for few models). Parts from one model hold no model term:
+    their projection is for that model. NaN where the model parts could not be estimated.
     """
     models = parts.models if models is None else models
     if min(tasks, seeds, episodes, models) < 1:
         raise ValueError(f"tasks, seeds, episodes and models must each be >= 1, got {tasks}, {seeds}, {episodes}, "
                          f"{models}.")
+    if parts.models > 1 and not all(math.isfinite(v) for v in (parts.task, parts.model, parts.interaction)):
+        return math.nan  # fewer than two tasks every model ran: no model parts to project with
     task, run, episode, model, interaction = (v if math.isfinite(v) else 0.0 for v in (
         parts.task, parts.run, parts.episode, parts.model, parts.interaction))
     pairs = tasks * seeds * models

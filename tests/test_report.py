@@ -578,15 +578,15 @@ def test_saturated_and_floored_tasks_are_named(tmp_path: Path) -> None:
     assert rows["easy"]["verdict"] == "saturated" and float(rows["mid"]["highest"]) == 0.75
 
 
-def _tree(root: Path, model: str, eva_gain: int) -> Path:
-    """lora and eva on two tasks x 2 seeds of one pretrained model; eva solves `eva_gain` more
-    of 4 episodes than lora on every task and seed."""
+def _tree(root: Path, model: str, eva_gain: int, seeds=(0, 1), base=(1, 0, 0, 0)) -> Path:
+    """lora and eva on two tasks x 2 seeds of one pretrained model (whose step-0 episodes are
+    `base`); eva solves `eva_gain` more of 4 episodes than lora on every task and seed."""
     for task in ("a", "b"):
-        for seed in (0, 1):
-            lora = [1, seed, 0, 0]
-            eva = [1 if i < sum(lora) + eva_gain else 0 for i in range(4)]
+        for i, seed in enumerate(seeds):
+            lora = [1, i, 0, 0]
+            eva = [1 if k < sum(lora) + eva_gain else 0 for k in range(4)]
             for method, flags in (("lora", lora), ("eva", eva)):
-                write_new_run(root, method, task, seed, {0: [1, 0, 0, 0], 100: flags},
+                write_new_run(root, method, task, seed, {0: list(base), 100: flags},
                               config={"checkpoint": f"/models/{model}"})
     return root
 
@@ -594,17 +594,23 @@ def _tree(root: Path, model: str, eva_gain: int) -> Path:
 def test_run_trees_of_several_pretrained_models_pool_within_each_tree(tmp_path: Path, capsys) -> None:
     from eva_rl.cli import main
 
-    trees = {"m1": _tree(tmp_path / "m1", "m1", 0), "m2": _tree(tmp_path / "m2", "m2", 2)}
+    # m2 numbers its seeds 5 and 6, and its pretrained policy solves 3 of 4 episodes at step 0
+    trees = {"m1": _tree(tmp_path / "m1", "m1", 0),
+             "m2": _tree(tmp_path / "m2", "m2", 2, seeds=(5, 6), base=(1, 1, 1, 0))}
     result = write_report(trees, tmp_path / "pooled", plots=False, tensorboard=False)
     rows = {(p.variant, p.baseline, p.measure, p.model): p for p in result.paired}
     pooled = rows[("eva", "lora", "success", "")]
     # pairs never cross trees: 2 tasks x 2 seeds per model, differences 0 (m1) and +0.5 (m2)
-    assert (pooled.n_pairs, pooled.models) == (8, 2) and pooled.mean_diff == pytest.approx(0.25)
+    assert (pooled.n_pairs, pooled.n_tasks, pooled.n_seeds, pooled.models) == (8, 2, 2, 2)
+    assert pooled.mean_diff == pytest.approx(0.25)
     assert rows[("eva", "lora", "success", "m1")].mean_diff == 0.0
     assert rows[("eva", "lora", "success", "m2")].mean_diff == pytest.approx(0.5)
-    assert pooled.mde80_models == pytest.approx(stats.pool_models({"m1": [0.0] * 4, "m2": [0.5] * 4}).between.mde80)
-    # each tree's base policy is its own: the base row averages both trees' step-0 success
-    assert result.tables["success"].cells[(report.BASE, "a")].n == 4
+    # over models: means 0 and 0.5, se 0.25; t_{.975,1} = 12.706, t_{.8,1} = 1.376
+    assert pooled.model_sd == pytest.approx(0.5 / math.sqrt(2))
+    assert pooled.mde80_models == pytest.approx((12.706 + 1.376) * 0.25, rel=1e-3)
+    # each tree's base policy is its own: the base row averages 0.25 (m1) and 0.75 (m2) over 4 units
+    base = result.tables["success"].cells[(report.BASE, "a")]
+    assert base.n == 4 and base.mean == pytest.approx(0.5)
     markdown = result.markdown
     assert "## Pooled run trees" in markdown and "`checkpoint`: m1 /models/m1; m2 /models/m2" in markdown
     assert "### The paper's claims per pretrained model" in markdown and "mde80 over models" in markdown
@@ -625,3 +631,17 @@ def test_run_trees_of_several_pretrained_models_pool_within_each_tree(tmp_path: 
     assert "needs --out" in capsys.readouterr().err
     assert main(["report", f"m1={trees['m1']}", f"m1={trees['m2']}", "--out", str(tmp_path / "x")]) == 2
     assert "'m1' twice" in capsys.readouterr().err
+    assert main(["report", f"a={trees['m1']}", f"b={trees['m1']}", "--out", str(tmp_path / "x")]) == 2
+    assert "are the same folder" in capsys.readouterr().err  # one tree twice is not two models
+
+
+def test_pooled_run_trees_are_checked(tmp_path: Path) -> None:
+    one = _tree(tmp_path / "m1", "m1", 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="run tree 'm2'"):
+        write_report({"m1": one, "m2": tmp_path / "empty"}, tmp_path / "out")
+    with pytest.raises(ValueError, match="needs a name"):
+        write_report({"m1": one, " ": _tree(tmp_path / "m2", "m2", 0)}, tmp_path / "out")
+    # a mapping of one tree is that tree's plain report
+    single = write_report({"only": one}, tmp_path / "single", plots=False, tensorboard=False)
+    assert "Pooled run trees" not in single.markdown and {p.models for p in single.paired} == {1}

@@ -163,3 +163,14 @@ def test_pool_models_gives_the_mde_over_models() -> None:
     assert pooled.between.n == 2 and pooled.between.mean == pytest.approx(0.35)
     assert pooled.between.mde80 == pytest.approx((12.706 + 1.376) * (0.3 / math.sqrt(2)) / math.sqrt(2), rel=1e-3)
     assert math.isnan(stats.pool_models({"m1": [0.1, 0.2]}).between.mde80)  # one model: no MDE over models
+
+
+def test_one_seed_per_cell_leaves_the_seed_part_in_the_interaction() -> None:
+    cells = [c for c in _model_cells() if c.seed == 0]  # a (.1, .3), b (.4, .5), c (0, .2)
+    parts = stats.decompose_variance(cells)
+    assert math.isnan(parts.run) and parts.seeds == 1.0
+    # residuals of the additive fit -+1/60 (a, c) and +-1/30 (b): MS_int = (4/3600 + 2/900) / 2 = 1/600,
+    # less episode sampling alone (0.001): no seed variance to take out
+    assert parts.interaction == pytest.approx(1 / 600 - 0.001)
+    assert parts.model == pytest.approx((1 / 6) ** 2 / 2 - 1 / 1800)  # model means 1/6 and 1/3
+    assert math.isfinite(stats.projected_mde(parts, 3, 1, 20))
