@@ -90,7 +90,8 @@ class PretrainStage:
     config: str | None = None
     # TrainConfig keys (nested or dotted) set for the pretraining run.
     overrides: dict[str, Any] = field(default_factory=dict)
-    # CPU threads of the pretraining run; 0 = every core of the machine.
+    # CPU threads of the pretraining run; 0 = every core of the machine. Run alone (local backend), its
+    # threads spin at barriers (eva_rl.jobs.set_threads; bench/threads.py measures what that buys).
     cpus: int = 0
     # GPUs of the pretraining run (Ray backend; the local backend uses what the config says).
     gpus: float = 0.0

@@ -82,13 +82,17 @@ def _write_run_json(run_dir: Path, **fields: Any) -> None:
     write_text_atomic(run_dir / RUN_JSON, json.dumps(data, indent=2, default=str))
 
 
-def set_threads(threads: int) -> None:
-    """Limit BLAS/OpenMP and torch to `threads` in this process (before torch does its work)."""
+def set_threads(threads: int, *, alone: bool = False) -> None:
+    """Limit BLAS/OpenMP and torch to `threads` in this process (before torch does its work).
+
+    alone: no other run of ours shares the machine, so OpenMP threads may spin at barriers."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-    # Spinning OpenMP threads on a busy machine wait a whole time slice at every barrier: measured
-    # here, 2 spinning threads ran a small DT 15x slower than 1 thread under load; passive waits fix most of it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Spinning OpenMP threads on a busy machine wait a whole time slice at every barrier: 2 spinning
+    # threads ran a small DT 15x slower than 1 thread under load; passive waits fix most of it. On a
+    # machine the run has to itself, passive waits cost instead (bench/threads.py, idle 2-core Zen 4:
+    # hidden 64 x2 layers 0.57x of one thread passive, 1.23x spinning). An OMP_WAIT_POLICY set by the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if alone and threads > 1 else "PASSIVE")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
 
@@ -158,9 +162,9 @@ class _redirect_output:
         self.log.close()
 
 
-def _child_main(run_fn: RunFn, job: Job, threads: int, parent: int) -> None:
+def _child_main(run_fn: RunFn, job: Job, threads: int, parent: int, alone: bool = False) -> None:
     die_with_parent(parent)
-    set_threads(threads)  # before the run function imports torch
+    set_threads(threads, alone=alone)  # before the run function imports torch
     result = execute_job(run_fn, job, threads, owner=parent)
     sys.exit(0 if result.status == "done" else 1)
 
@@ -399,12 +403,15 @@ def _run_local(jobs: Sequence[Job], run_fn: RunFn, workers: int, bar: Progress, 
         # SIGTERM (a batch system's stop) must reach our runs too: turn it into an exception so
         # `finally` stops the children instead of leaving them orphaned.
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # one run at a time, within the machine's cores: its threads may spin (set_threads)
+    alone = min(workers, len(jobs)) == 1
     try:
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus, os.getpid()), daemon=True,
-                                          name=f"eva-rl:{job.name}")
+                fits = job.cpus <= default_workers(1)
+                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus, os.getpid(), alone and fits),
+                                          daemon=True, name=f"eva-rl:{job.name}")
                 process.start()
                 running[job.name] = (process, job)
             finished = []

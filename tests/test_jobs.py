@@ -38,7 +38,8 @@ def tiny_run(run_dir: Path, config: dict) -> dict:
         # leave an empty file, which the resumed run would fail to read (a failure of the test's toy loop)
         write_text_atomic(checkpoint, json.dumps({"step": step + 1}))
     return {"kind": "finetune", "task": "t", "method": "lora", "rank": 8, "seed": 0, "final": {"success_rate": 1.0},
-            "steps_done": config["steps"], "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+            "steps_done": config["steps"], "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def jobs_in(root: Path, configs: dict[str, dict]) -> list[Job]:
@@ -237,3 +238,19 @@ def test_a_child_that_calls_die_with_parent_ends_with_its_parent(tmp_path: Path)
     while time.time() < deadline and process_alive(pid):
         time.sleep(0.02)
     assert not process_alive(pid)
+
+
+def test_threads_spin_only_for_a_run_that_has_the_machine_alone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+    def policy(name: str) -> str:
+        return json.loads((tmp_path / name / "metrics.json").read_text())["omp_wait_policy"]
+
+    # a lone two-thread run (a pretraining stage) spins; runs beside each other wait passively
+    run_jobs([Job("alone", tmp_path / "alone", {"steps": 1}, {}, cpus=2)], tiny_run, workers=1, progress=False)
+    run_jobs(jobs_in(tmp_path, {"x": {"steps": 1}, "y": {"steps": 1}}), tiny_run, workers=2, progress=False)
+    assert policy("alone") == ("ACTIVE" if len(os.sched_getaffinity(0)) >= 2 else "PASSIVE")  # 2 threads must fit
+    assert policy("x") == policy("y") == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's choice wins
+    run_jobs([Job("mine", tmp_path / "mine", {"steps": 1}, {}, cpus=2)], tiny_run, workers=1, progress=False)
+    assert policy("mine") == "PASSIVE"
