@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eva_rl.jobs import default_workers
+
 BENCH = Path(__file__).resolve().parent
 SIZES = {"recipe": (64, 2, 2, 10), "small": (128, 3, 4, 20)}  # hidden, layers, heads, context
 
@@ -69,7 +71,7 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from eval_throughput import cpu_description
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = default_workers(1)  # the cores this process may use, as the experiment runner counts them
     print(f"machine: {cpu_description()}; {cores} cores for this process; load average {os.getloadavg()[0]:.1f}")
     settings = [(1, "PASSIVE"), (cores, "PASSIVE"), (cores, "ACTIVE")] if cores > 1 else [(1, "PASSIVE")]
     found: dict[tuple[str, int, str], list[float]] = {}

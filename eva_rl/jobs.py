@@ -404,13 +404,13 @@ def _run_local(jobs: Sequence[Job], run_fn: RunFn, workers: int, bar: Progress, 
         # `finally` stops the children instead of leaving them orphaned.
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     # one run at a time, within the machine's cores: its threads may spin (set_threads)
-    alone = min(workers, len(jobs)) == 1
+    alone, cores = min(workers, len(jobs)) == 1, default_workers(1)
     try:
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                fits = job.cpus <= default_workers(1)
-                process = context.Process(target=_child_main, args=(run_fn, job, job.cpus, os.getpid(), alone and fits),
+                process = context.Process(target=_child_main,
+                                          args=(run_fn, job, job.cpus, os.getpid(), alone and job.cpus <= cores),
                                           daemon=True, name=f"eva-rl:{job.name}")
                 process.start()
                 running[job.name] = (process, job)

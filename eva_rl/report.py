@@ -223,13 +223,14 @@ def _paired_markdown(paired: Sequence[Paired], *, pooled: bool = False) -> str:
     tree (`Paired.model`) name it."""
     grid = "tasks × seeds × models" if pooled else "tasks × seeds"
     extra = " mde80 over models |" if pooled else ""
-    rows = [f"| method | vs | measure |{' model |' if any(p.model for p in paired) else ''} pairs ({grid}) | "
+    per_tree = any(p.model for p in paired)
+    rows = [f"| method | vs | measure |{' model |' if per_tree else ''} pairs ({grid}) | "
             f"difference ± stderr | mde80 |{extra} verdict | better in |"]
     rows.append("|" + " --- |" * (rows[0].count("|") - 1))
     for p in paired:
         d = MEASURES[p.measure].digits
         err = f" ± {p.stderr:.{d}f}" if math.isfinite(p.stderr) else ""
-        model = f" {p.model} |" if any(q.model for q in paired) else ""
+        model = f" {p.model} |" if per_tree else ""
         size = f"{p.n_tasks} × {p.n_seeds}" + (f" × {p.models}" if pooled else "")
         over_models = f" {_number(p.mde80_models, d)} |" if pooled else ""
         rows.append(f"| {p.variant} | {p.baseline} | {p.measure} |{model} {p.n_pairs} ({size}) | "

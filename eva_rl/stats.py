@@ -290,11 +290,9 @@ def decompose_variance(cells: Sequence[PairedCell]) -> VarianceDecomposition:
     total = float(all_d.var(ddof=1)) if all_d.size > 1 else math.nan
     episode = float(np.nanmean([c.episode_variance for c in cells])) if any(
         math.isfinite(c.episode_variance) for c in cells) else math.nan
-    within_groups = [np.array(v) for v in by_cell.values() if len(v) > 1]
-    within = (float(np.mean([g.var(ddof=1) for g in within_groups])) if within_groups else math.nan)
+    within, harmonic_seeds = _within(list(by_cell.values()))
     run = max(0.0, within - episode) if math.isfinite(within) and math.isfinite(episode) else math.nan
     seeds = float(np.mean([len(v) for v in by_cell.values()]))
-    harmonic_seeds = len(by_cell) / sum(1 / len(v) for v in by_cell.values())
     episodes = int(round(np.mean([c.episodes for c in cells])))
     tasks = list(dict.fromkeys(c.task for c in cells))
     models = list(dict.fromkeys(c.model for c in cells))
@@ -308,21 +306,26 @@ def decompose_variance(cells: Sequence[PairedCell]) -> VarianceDecomposition:
     if len(shared) < 2:
         return VarianceDecomposition(len(tasks), seeds, episodes, total, episode, run, math.nan, len(models),
                                      math.nan, math.nan)
-    cells_of = [by_cell[t, m] for t in shared for m in models]
     means = np.array([[np.mean(by_cell[t, m]) for m in models] for t in shared])  # tasks x models
     n_tasks, n_models = means.shape
     residual = means - means.mean(axis=1, keepdims=True) - means.mean(axis=0, keepdims=True) + means.mean()
     ms_interaction = float((residual ** 2).sum() / ((n_tasks - 1) * (n_models - 1)))
     # the noise in a cell mean: its seeds' variance over their number, over the cells of the table;
     # with one seed per cell only episode sampling is known, and the interaction keeps the seed part
-    shared_within = [np.var(v, ddof=1) for v in cells_of if len(v) > 1]
-    shared_seeds = len(cells_of) / sum(1 / len(v) for v in cells_of)
-    noise = (float(np.mean(shared_within)) / shared_seeds if shared_within
+    shared_within, shared_seeds = _within([by_cell[t, m] for t in shared for m in models])
+    noise = (shared_within / shared_seeds if math.isfinite(shared_within)
              else episode if math.isfinite(episode) else 0.0)
     interaction = max(0.0, ms_interaction - noise)
     task = max(0.0, float(means.mean(axis=1).var(ddof=1)) - ms_interaction / n_models)
     model = max(0.0, float(means.mean(axis=0).var(ddof=1)) - ms_interaction / n_tasks)
     return VarianceDecomposition(len(tasks), seeds, episodes, total, episode, run, task, n_models, model, interaction)
+
+
+def _within(groups: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(mean within-group variance, ddof 1, over the groups of two or more values (NaN without
+    any), harmonic mean group size) of the seeds of each cell."""
+    spread = [float(np.var(g, ddof=1)) for g in groups if len(g) > 1]
+    return (float(np.mean(spread)) if spread else math.nan), len(groups) / sum(1 / len(g) for g in groups)
 
 
 def projected_mde(parts: VarianceDecomposition, tasks: int, seeds: int, episodes: int, models: int | None = None, *,
