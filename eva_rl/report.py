@@ -14,7 +14,8 @@ Reads every `metrics.json` under a directory (`eva_rl.run_records`: the layout
 - IQM and mean with stratified-bootstrap 95% CIs across tasks x seeds (`aggregate.csv`);
 - paired differences of every method to `lora` and to `fft` over the (task, seed) pairs both
   ran, for final success, curve area, steps to a fraction of final success, loss and held-out
-  error, each with its minimum detectable difference `mde80` (`paired.csv`); for success, the
+  error, each with its minimum detectable difference `mde80`, the paired t-test's 95% interval and
+  p-value (`paired.csv`); for success, the
   variance of the pairs split into episode, seed and task parts, and the grid an MDE of 0.05 needs;
 - `success_curve.csv` (one row per run and evaluation step), `runs.csv` (one row per run, one
   column per setting that differs between runs), EVA's ranks per layer, data-size tables when
@@ -222,21 +223,30 @@ def _paired_markdown(paired: Sequence[Paired], *, pooled: bool = False) -> str:
     """The paired table; pooled run trees add the models and the MDE over models, and rows of one
     tree (`Paired.model`) name it."""
     grid = "tasks × seeds × models" if pooled else "tasks × seeds"
-    extra = " mde80 over models |" if pooled else ""
+    extra = " mde80 over models | 95% CI over models | p over models |" if pooled else ""
     per_tree = any(p.model for p in paired)
     rows = [f"| method | vs | measure |{' model |' if per_tree else ''} pairs ({grid}) | "
-            f"difference ± stderr | mde80 |{extra} verdict | better in |"]
+            f"difference ± stderr | mde80 | 95% CI | p |{extra} verdict | better in |"]
     rows.append("|" + " --- |" * (rows[0].count("|") - 1))
     for p in paired:
         d = MEASURES[p.measure].digits
         err = f" ± {p.stderr:.{d}f}" if math.isfinite(p.stderr) else ""
         model = f" {p.model} |" if per_tree else ""
         size = f"{p.n_tasks} × {p.n_seeds}" + (f" × {p.models}" if pooled else "")
-        over_models = f" {_number(p.mde80_models, d)} |" if pooled else ""
+        over_models = (f" {_number(p.mde80_models, d)} | {_interval(p.ci95_models, d)} | {_p(p.p_value_models)} |"
+                       if pooled else "")
         rows.append(f"| {p.variant} | {p.baseline} | {p.measure} |{model} {p.n_pairs} ({size}) | "
-                    f"{p.mean_diff:+.{d}f}{err} | {_number(p.mde80, d)} |{over_models} {p.verdict} | "
-                    f"{p.n_better}/{p.n_pairs} |")
+                    f"{p.mean_diff:+.{d}f}{err} | {_number(p.mde80, d)} | {_interval(p.ci95, d)} | {_p(p.p_value)} |"
+                    f"{over_models} {p.verdict} | {p.n_better}/{p.n_pairs} |")
     return "\n".join(rows)
+
+
+def _interval(ci: tuple[float, float], digits: int) -> str:
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if all(map(math.isfinite, ci)) else "–"
+
+
+def _p(p_value: float) -> str:
+    return "–" if not math.isfinite(p_value) else "< 0.001" if p_value < 0.001 else f"{p_value:.3f}"
 
 
 def _number(x: float, digits: int) -> str:
@@ -387,13 +397,15 @@ def write_report(runs_dir: str | Path | Mapping[str, str | Path], out_dir: str |
     found = resolutions(runs, paired)
     if paired:
         sections += _paired_sections(paired, found, pooled=pooled)
-        models = ["model", "models", "model_sd", "mde80_models"] if pooled else []
+        models = (["model", "models", "model_sd", "mde80_models", "ci95_models_low", "ci95_models_high",
+                   "p_value_models"] if pooled else [])
         write_rows(out / "paired.csv", ["method", "baseline", "measure", *models, "pairs", "tasks", "seeds",
-                                         "episodes", "mean_diff", "stderr", "sd", "mde80", "verdict", "better"],
-                    [[p.variant, p.baseline, p.measure, *([p.model, p.models, p.model_sd, p.mde80_models] if pooled
-                                                         else []),
-                      p.n_pairs, p.n_tasks, p.n_seeds, p.episodes, p.mean_diff, p.stderr, p.sd, p.mde80, p.verdict,
-                      p.n_better] for p in paired])
+                                         "episodes", "mean_diff", "stderr", "sd", "mde80", "ci95_low", "ci95_high",
+                                         "p_value", "verdict", "better"],
+                    [[p.variant, p.baseline, p.measure, *([p.model, p.models, p.model_sd, p.mde80_models,
+                                                           *p.ci95_models, p.p_value_models] if pooled else []),
+                      p.n_pairs, p.n_tasks, p.n_seeds, p.episodes, p.mean_diff, p.stderr, p.sd, p.mde80, *p.ci95,
+                      p.p_value, p.verdict, p.n_better] for p in paired])
         files.append(out / "paired.csv")
     groups, sizes, size_cells = data_size_table(runs)
     if size_cells:
@@ -429,7 +441,10 @@ def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution], *, p
                 "held-out action "
                 "error: lower is better. `mde80`: the smallest true difference these pairs detect with 80% power "
                 "at 5% two-sided (t-based, from the SD of the paired differences; `eva_rl.stats`); a difference "
-                "below it is not resolved by this grid, whatever its sign.", "", _paired_markdown(paired, pooled=pooled),
+                "below it is not resolved by this grid, whatever its sign. `95% CI` and `p`: the paired t-test's "
+                "interval and two-sided p-value; a difference can fall between the 5% threshold and the MDE "
+                "(p < 0.05, yet below the MDE): evidence of a difference the grid had under 80% power to detect, "
+                "one test among the many of this table.", "", _paired_markdown(paired, pooled=pooled),
                 ""]
     if per_model:
         sections += ["### The paper's claims per pretrained model", "",
@@ -440,7 +455,7 @@ def _paired_sections(paired: Sequence[Paired], found: Sequence[Resolution], *, p
     if below:
         sections += ["Below the MDE (final success): " + "; ".join(
             f"{p.variant} vs {p.baseline} {p.mean_diff:+.3f} < {p.mde80:.3f}" for p in below)
-            + ". These grids cannot tell these methods apart.", ""]
+            + ". These grids cannot reliably tell these methods apart (their p-values are in the table).", ""]
     if found:
         sections += ["### What the success comparisons can resolve", "",
                      "The variance of the paired success differences split into episode sampling (from each "

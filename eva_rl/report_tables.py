@@ -108,6 +108,10 @@ class Paired:
     model: str = ""        # "": pooled over every run tree; a tree's name: that tree's pairs alone
     model_sd: float = math.nan      # SD of the per-model mean differences (several models)
     mde80_models: float = math.nan  # MDE over pretrained models as a sample (t, models - 1 df)
+    ci95: tuple[float, float] = (math.nan, math.nan)  # paired t 95% interval of mean_diff
+    p_value: float = math.nan  # paired t-test, two-sided (NaN: fewer than 2 pairs or no spread)
+    ci95_models: tuple[float, float] = (math.nan, math.nan)  # the same over the per-model means
+    p_value_models: float = math.nan
 
     @property
     def verdict(self) -> str:
@@ -302,7 +306,8 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
                     continue
                 pooled = stats.pool_models({name: [d for _, d in group] for name, group in by_model.items()})
                 result.append(_paired_row(v, baseline, measure, matched, models=len(by_model),
-                                          model_sd=pooled.between.sd, mde80_models=pooled.between.mde80))
+                                          model_sd=pooled.between.sd, mde80_models=pooled.between.mde80,
+                                          ci95_models=pooled.between.ci95, p_value_models=pooled.between.p_value))
                 if (pairs[0][0].method, baseline) in claims:
                     result += [_paired_row(v, baseline, measure, group, model=name) for name, group in by_model.items()]
     return result
@@ -318,7 +323,8 @@ def _paired_row(variant: str, baseline: str, measure: str, matched: Sequence[tup
     seeds = round(len({r.unit for r, _ in matched}) / trees)  # per tree: trees may number their seeds apart
     return Paired(variant, baseline, measure, summary.n, summary.mean, summary.stderr,
                   sum(1 for _, d in matched if sign * d > 0), summary.sd, summary.mde80,
-                  len({r.task for r, _ in matched}), seeds, counts.pop() if len(counts) == 1 else None, **models)
+                  len({r.task for r, _ in matched}), seeds, counts.pop() if len(counts) == 1 else None,
+                  ci95=summary.ci95, p_value=summary.p_value, **models)
 
 
 def resolutions(runs: Sequence[RunRecord], paired: Sequence[Paired]) -> list[Resolution]:

@@ -171,6 +171,15 @@ class PairedDifference:
         """A nonzero difference at least the MDE (False when the MDE is not defined)."""
         return math.isfinite(self.mde80) and abs(self.mean) >= self.mde80 and self.mean != 0
 
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """The paired t-test's two-sided 95% interval of the mean difference, mean ± t(0.975, n-1) ·
+        stderr; (NaN, NaN) with fewer than two pairs."""
+        if self.n < 2 or not math.isfinite(self.stderr):
+            return math.nan, math.nan
+        half = float(scipy_stats.t.ppf(0.975, self.n - 1)) * self.stderr
+        return self.mean - half, self.mean + half
+
 
 def paired_difference(differences: Iterable[float | None]) -> PairedDifference:
     """Summary of paired differences (one per matched pair, e.g. per task x seed)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 from scipy.stats import trim_mean
 
 from eva_rl import report, report_plots, report_tables, run_records, stats
@@ -175,7 +176,7 @@ def test_write_report_files_plots_and_hparams(runs_dir: Path) -> None:
     assert float(rows["lora"]["task-a stderr"]) == pytest.approx(0.1)
     assert float(rows["eva"]["average"]) == pytest.approx(0.5)
     assert rows["fft"]["task-b"] == "" and rows["fft"]["task-a stderr"] == ""
-    assert "## Paired differences" in result.markdown and "| eva | lora | success | 4 (2 × 2) | +0.05 ± 0.05 | 0.21 | below the MDE | 3/4 |" in result.markdown
+    assert "## Paired differences" in result.markdown and "| eva | lora | success | 4 (2 × 2) | +0.05 ± 0.05 | 0.21 | [-0.11, +0.21] | 0.391 | below the MDE | 3/4 |" in result.markdown
     assert list((out / "tb_hparams").rglob("events.out.tfevents.*"))
     assert report.read_eva_ranks(runs_dir / "task-b__eva__s0") is None
     table = report.summary_table(result)
@@ -401,6 +402,11 @@ def test_paired_mde_and_variance_decomposition(tmp_path: Path) -> None:
     with open(tmp_path / "report" / "paired.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if (r["method"], r["measure"]) == ("eva", "success"))
     assert float(row["mde80"]) == pytest.approx(success.mde80) and row["verdict"] == "below the MDE"
+    test = scipy_stats.ttest_1samp(diffs, 0.0)
+    assert float(row["p_value"]) == pytest.approx(test.pvalue) and success.p_value == pytest.approx(test.pvalue)
+    low, high = test.confidence_interval(0.95)
+    assert (float(row["ci95_low"]), float(row["ci95_high"])) == pytest.approx((low, high))
+    assert f"[{low:+.2f}, {high:+.2f}] | {test.pvalue:.3f} |" in result.markdown
     (resolution,) = result.resolutions
     # episode part of one cell by hand: eva a s0 [1,1,1,0] vs lora [1,1,0,0] -> diffs [0,0,1,0]: var 0.25 / 4
     cell = report_tables._paired_cell(*next((e, lo) for e in runs for lo in runs if e.method == "eva" and lo.method == "lora"
@@ -621,6 +627,9 @@ def test_run_trees_of_several_pretrained_models_pool_within_each_tree(tmp_path: 
     with open(tmp_path / "pooled" / "paired.csv") as handle:
         per_tree = [r for r in csv.DictReader(handle) if r["model"] == "m2" and r["measure"] == "success"]
     assert len(per_tree) == 1 and float(per_tree[0]["mean_diff"]) == pytest.approx(0.5)
+    # over models: 0.25 ± 12.706 · 0.25 (two model means, 1 df)
+    assert pooled.ci95_models == pytest.approx((0.25 - 12.706 * 0.25, 0.25 + 12.706 * 0.25), rel=1e-3)
+    assert "95% CI over models" in markdown
     with pytest.raises(ValueError, match="needs out_dir"):
         write_report(trees)
     # the command line: NAME=DIR (or DIR, named by its folder), --out required

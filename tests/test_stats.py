@@ -76,6 +76,9 @@ def test_paired_difference() -> None:
     assert 0 < p.p_value < 0.1 and not p.resolved  # 0.2 is below an MDE of ~0.36 with three pairs
     single = stats.paired_difference([0.4])
     assert math.isnan(single.mde80) and not single.resolved
+    # 95% interval by hand: 0.2 ± t_{.975,2} (4.303) · 0.1 / sqrt 3
+    assert p.ci95 == pytest.approx((0.2 - 4.303 * 0.1 / math.sqrt(3), 0.2 + 4.303 * 0.1 / math.sqrt(3)), rel=1e-3)
+    assert all(math.isnan(x) for x in single.ci95)
 
 
 def test_episode_variance_paired_and_binomial() -> None:
@@ -162,6 +165,9 @@ def test_pool_models_gives_the_mde_over_models() -> None:
     # two model means 0.2, 0.5: sd 0.3 / sqrt 2; t_{.975,1} = 12.706, t_{.8,1} = 1.376
     assert pooled.between.n == 2 and pooled.between.mean == pytest.approx(0.35)
     assert pooled.between.mde80 == pytest.approx((12.706 + 1.376) * (0.3 / math.sqrt(2)) / math.sqrt(2), rel=1e-3)
+    # its interval: 0.35 ± 12.706 · 0.15; t = 0.35 / 0.15 with 1 df
+    assert pooled.between.ci95 == pytest.approx((0.35 - 12.706 * 0.15, 0.35 + 12.706 * 0.15), rel=1e-3)
+    assert pooled.between.p_value == pytest.approx(2 * (0.5 - math.atan(0.35 / 0.15) / math.pi))
     assert math.isnan(stats.pool_models({"m1": [0.1, 0.2]}).between.mde80)  # one model: no MDE over models
 
 

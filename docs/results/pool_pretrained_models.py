@@ -42,8 +42,9 @@ def main(named_paths: list[str]) -> None:
                       f"{p.stderr:.4f}  mde80 {p.mde80:.4f}  better in {sum(sign * x > 0 for x in d)}/{len(d)}")
             for label, p in (("pooled", result.pooled), ("over models", result.between)):
                 unit = "pairs" if label == "pooled" else "models"
+                low, high = p.ci95
                 print(f"{measure:17s} {variant} vs {baseline:5s} {label:7s} {p.n:3d} {unit} {p.mean:+.4f} ± "
-                      f"{p.stderr:.4f}  mde80 {p.mde80:.4f}")
+                      f"{p.stderr:.4f}  mde80 {p.mde80:.4f}  95% CI [{low:+.4f}, {high:+.4f}]  p {p.p_value:.3f}")
 
 
 if __name__ == "__main__":
