@@ -233,7 +233,7 @@ def _paired_markdown(paired: Sequence[Paired], *, pooled: bool = False) -> str:
         err = f" ± {p.stderr:.{d}f}" if math.isfinite(p.stderr) else ""
         model = f" {p.model} |" if per_tree else ""
         size = f"{p.n_tasks} × {p.n_seeds}" + (f" × {p.models}" if pooled else "")
-        over_models = (f" {_number(p.mde80_models, d)} | {_interval(p.ci95_models, d)} | {_p(p.p_value_models)} |"
+        over_models = (f" {_number(p.between.mde80, d)} | {_interval(p.between.ci95, d)} | {_p(p.between.p_value)} |"
                        if pooled else "")
         rows.append(f"| {p.variant} | {p.baseline} | {p.measure} |{model} {p.n_pairs} ({size}) | "
                     f"{p.mean_diff:+.{d}f}{err} | {_number(p.mde80, d)} | {_interval(p.ci95, d)} | {_p(p.p_value)} |"
@@ -402,8 +402,8 @@ def write_report(runs_dir: str | Path | Mapping[str, str | Path], out_dir: str |
         write_rows(out / "paired.csv", ["method", "baseline", "measure", *models, "pairs", "tasks", "seeds",
                                          "episodes", "mean_diff", "stderr", "sd", "mde80", "ci95_low", "ci95_high",
                                          "p_value", "verdict", "better"],
-                    [[p.variant, p.baseline, p.measure, *([p.model, p.models, p.model_sd, p.mde80_models,
-                                                           *p.ci95_models, p.p_value_models] if pooled else []),
+                    [[p.variant, p.baseline, p.measure, *([p.model, p.models, p.between.sd, p.between.mde80,
+                                                           *p.between.ci95, p.between.p_value] if pooled else []),
                       p.n_pairs, p.n_tasks, p.n_seeds, p.episodes, p.mean_diff, p.stderr, p.sd, p.mde80, *p.ci95,
                       p.p_value, p.verdict, p.n_better] for p in paired])
         files.append(out / "paired.csv")

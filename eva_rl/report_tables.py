@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -106,12 +106,11 @@ class Paired:
     episodes: int | None = None  # evaluation episodes per task and run (None: not recorded)
     models: int = 1        # pretrained models (pooled run trees) the pairs come from
     model: str = ""        # "": pooled over every run tree; a tree's name: that tree's pairs alone
-    model_sd: float = math.nan      # SD of the per-model mean differences (several models)
-    mde80_models: float = math.nan  # MDE over pretrained models as a sample (t, models - 1 df)
     ci95: tuple[float, float] = (math.nan, math.nan)  # paired t 95% interval of mean_diff
     p_value: float = math.nan  # paired t-test, two-sided (NaN: fewer than 2 pairs or no spread)
-    ci95_models: tuple[float, float] = (math.nan, math.nan)  # the same over the per-model means
-    p_value_models: float = math.nan
+    # over pretrained models as a sample: the per-model mean differences (`stats.pool_models`'
+    # `between`: sd, mde80 with models - 1 df, ci95, p_value); all NaN unless pooled over trees
+    between: stats.PairedDifference = field(default_factory=lambda: stats.paired_difference(()))
 
     @property
     def verdict(self) -> str:
@@ -306,8 +305,7 @@ def paired_comparisons(runs: Sequence[RunRecord], baselines: Sequence[str] = ("l
                     continue
                 pooled = stats.pool_models({name: [d for _, d in group] for name, group in by_model.items()})
                 result.append(_paired_row(v, baseline, measure, matched, models=len(by_model),
-                                          model_sd=pooled.between.sd, mde80_models=pooled.between.mde80,
-                                          ci95_models=pooled.between.ci95, p_value_models=pooled.between.p_value))
+                                          between=pooled.between))
                 if (pairs[0][0].method, baseline) in claims:
                     result += [_paired_row(v, baseline, measure, group, model=name) for name, group in by_model.items()]
     return result

@@ -612,8 +612,8 @@ def test_run_trees_of_several_pretrained_models_pool_within_each_tree(tmp_path: 
     assert rows[("eva", "lora", "success", "m1")].mean_diff == 0.0
     assert rows[("eva", "lora", "success", "m2")].mean_diff == pytest.approx(0.5)
     # over models: means 0 and 0.5, se 0.25; t_{.975,1} = 12.706, t_{.8,1} = 1.376
-    assert pooled.model_sd == pytest.approx(0.5 / math.sqrt(2))
-    assert pooled.mde80_models == pytest.approx((12.706 + 1.376) * 0.25, rel=1e-3)
+    assert pooled.between.sd == pytest.approx(0.5 / math.sqrt(2))
+    assert pooled.between.mde80 == pytest.approx((12.706 + 1.376) * 0.25, rel=1e-3)
     # each tree's base policy is its own: the base row averages 0.25 (m1) and 0.75 (m2) over 4 units
     base = result.tables["success"].cells[(report.BASE, "a")]
     assert base.n == 4 and base.mean == pytest.approx(0.5)
@@ -628,7 +628,7 @@ def test_run_trees_of_several_pretrained_models_pool_within_each_tree(tmp_path: 
         per_tree = [r for r in csv.DictReader(handle) if r["model"] == "m2" and r["measure"] == "success"]
     assert len(per_tree) == 1 and float(per_tree[0]["mean_diff"]) == pytest.approx(0.5)
     # over models: 0.25 ± 12.706 · 0.25 (two model means, 1 df)
-    assert pooled.ci95_models == pytest.approx((0.25 - 12.706 * 0.25, 0.25 + 12.706 * 0.25), rel=1e-3)
+    assert pooled.between.ci95 == pytest.approx((0.25 - 12.706 * 0.25, 0.25 + 12.706 * 0.25), rel=1e-3)
     assert "95% CI over models" in markdown
     with pytest.raises(ValueError, match="needs out_dir"):
         write_report(trees)
